@@ -5,7 +5,8 @@ mesh uses to shard them. RoPE follows the Hugging Face ("rotate half") conventio
 head, dimension i pairs with i + head_dim/2. The loaders convert other layouts to this one.
 
 The head scores whatever the batch asks for:
-  * language modelling: batch has `targets` [B, T] (and optionally `weights` [B, T]);
+  * language modelling: batch has `targets` [B, T] (optionally `weights` [B, T] and
+    a per-example `weight` [B]);
   * prompt classification: batch has `last_index` [B], `candidates` [B, C] (label-word
     token ids) and `label` [B]. Only the C candidate logits at `last_index` are computed,
     so the vocabulary-sized logits never materialize. Optional `weight` [B] masks padding.
@@ -245,6 +246,8 @@ def _lm_loss(config, params, h_BxTxD, batch):
   logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
   nll_BxT = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
   weights_BxT = batch.get("weights", jnp.ones_like(nll_BxT)).astype(jnp.float32)
+  if "weight" in batch:  # per-example padding mask from eval batching
+    weights_BxT = weights_BxT * batch["weight"][:, None]
   count = jnp.sum(weights_BxT)
   loss_sum = jnp.sum(weights_BxT * nll_BxT)
   metrics = {"loss_sum": loss_sum, "count": count}

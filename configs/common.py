@@ -1,0 +1,74 @@
+"""Defaults shared by every config; each config file overrides what it is about."""
+
+import ml_collections
+
+
+def parse_arg(arg, **defaults):
+  """`arg` like "tiny" or "k=512,seed=3" -> ConfigDict of `defaults` updated (big_vision style)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      key, value = item, True
+    if key not in out:
+      raise ValueError(f"config arg {key!r} is not one of {sorted(out)}")
+    out[key] = type(out[key])(value) if not isinstance(value, bool) else value
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "smollm2-135m"
+  c.model.init = "pretrained"      # or "random"
+  c.model.vocab_size = 0           # 0: the model's own
+  c.model.dtype = "float32"        # compute dtype
+  c.model.remat = False            # recompute block activations in the backward pass
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.learning_rate = 1e-5
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.momentum = 0.0
+  c.optim.grad_clip = 0.0          # 0: off
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.batch_size = 8
+  c.train.eval_batch_size = 32
+  c.train.eval_every = 0           # 0: only before and after training
+  c.train.eval_at_start = True
+  c.train.log_every = 1
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 2
+  c.train.halt_at_step = ml_collections.FieldReference(None, field_type=int)
+  c.train.max_nonfinite_steps = 10  # more skipped steps than this stops the run
+  c.train.progress = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.axes = (("data", -1), ("model", 1))
+  # Logical parameter axes -> mesh axes (MaxText-style); unnamed axes are replicated.
+  c.mesh.rules = (("vocab", "model"), ("q_heads", "model"), ("kv_heads", "model"),
+                  ("mlp", "model"), ("embed", None), ("layers", None))
+  return c
+
+
+def sentiment_task() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.name = "sentiment"
+  t.split_seed = 0                 # the fixed train/dev/test split
+  t.k = 16                         # examples per class (MeZO k-shot); 0: the whole train split
+  t.kshot_seed = 0
+  t.max_len = 64
+  t.template = "{sentence} It was"
+  t.label_words = (" terrible", " great")
+  t.eval_splits = ("dev", "test")
+  t.eval_limit = 0                 # >0: evaluate on the first N examples of each split
+  return t

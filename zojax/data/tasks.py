@@ -1,0 +1,87 @@
+"""Tasks as the training loop sees them: a batch for every step, and fixed eval sets.
+
+`build(config.task, ...)` turns a task config into a `Task`. Training batches are a pure
+function of the step (see `sentiment.batches`), so resuming needs nothing but the step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from zojax.data import corpus, sentiment
+from zojax.data.tokenizer import smollm2_tokenizer
+
+TASKS = ("sentiment", "corpus")
+eval_batches = sentiment.eval_batches
+
+# Encoded fields the model reads; the rest (e.g. `truncated`) is bookkeeping.
+CLASSIFICATION_FIELDS = ("tokens", "last_index", "candidates", "label")
+EVAL_SUBSET_SEED = 20240101
+
+
+class Task(NamedTuple):
+  name: str
+  vocab_size: int
+  train_batch: Callable[[int], dict[str, np.ndarray]]
+  eval_sets: dict[str, dict[str, np.ndarray]]
+  info: dict
+
+
+def _sentiment(cfg, batch_size: int, seed: int) -> Task:
+  tok = smollm2_tokenizer()
+  splits = sentiment.sentiment_splits(cfg.split_seed)
+  if cfg.k:
+    splits = sentiment.kshot(splits, cfg.k, cfg.kshot_seed)
+  pad_id = tok.token_to_id("<|endoftext|>")
+
+  def encode(examples, limit=0):
+    if limit and limit < len(examples):
+      # A fixed random subset: the splits are sorted by id, and ids cluster by label.
+      pick = np.random.Generator(np.random.PCG64(EVAL_SUBSET_SEED)).permutation(len(examples))
+      examples = examples.take(np.sort(pick[:limit]))
+    enc = sentiment.encode_prompts(tok, examples, max_len=cfg.max_len, pad_id=pad_id,
+                                   template=cfg.template, label_words=tuple(cfg.label_words))
+    return enc, int(enc["truncated"].sum())
+
+  train, train_trunc = encode(splits.train)
+  train = {k: train[k] for k in CLASSIFICATION_FIELDS}
+  evals, truncated = {}, {"train": train_trunc}
+  for name in cfg.eval_splits:
+    if name not in ("train", "dev", "test"):
+      raise ValueError(f"config key 'task.eval_splits' has {name!r}; use train, dev or test")
+    enc, truncated[name] = encode(getattr(splits, name), cfg.eval_limit)
+    evals[name] = {k: enc[k] for k in CLASSIFICATION_FIELDS}
+  info = {"name": "sentiment", "k": cfg.k, "kshot_seed": cfg.kshot_seed,
+          "sizes": {"train": len(train["label"]), **{n: len(e["label"]) for n, e in evals.items()}},
+          "truncated": truncated}
+  return Task("sentiment", tok.get_vocab_size(),
+              lambda step: sentiment.batches(train, batch_size, seed=seed, step=step),
+              evals, info)
+
+
+def _lm_rows(rows: np.ndarray) -> dict[str, np.ndarray]:
+  return {"tokens": rows[:, :-1], "targets": rows[:, 1:]}
+
+
+def _corpus(cfg, batch_size: int, seed: int) -> Task:
+  tok = smollm2_tokenizer()
+  train = _lm_rows(corpus.packed_sequences(tok, cfg.seq_len, "train",
+                                           val_fraction=cfg.val_fraction))
+  val = corpus.packed_sequences(tok, cfg.seq_len, "validation", val_fraction=cfg.val_fraction)
+  if cfg.eval_limit:
+    val = val[:cfg.eval_limit]
+  info = {"name": "corpus", "seq_len": cfg.seq_len,
+          "sizes": {"train": len(train["tokens"]), "validation": len(val)}}
+  return Task("corpus", tok.get_vocab_size(),
+              lambda step: sentiment.batches(train, batch_size, seed=seed, step=step),
+              {"validation": _lm_rows(val)}, info)
+
+
+def build(cfg, *, batch_size: int, seed: int) -> Task:
+  if cfg.name == "sentiment":
+    return _sentiment(cfg, batch_size, seed)
+  if cfg.name == "corpus":
+    return _corpus(cfg, batch_size, seed)
+  raise ValueError(f"config key 'task.name'={cfg.name!r} is not one of {TASKS}")

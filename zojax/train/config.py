@@ -1,0 +1,105 @@
+"""Config loading (`path.py:arg`), `key=value` overrides, and validation with one-line errors.
+
+Configs are Python files whose `get_config(arg)` returns an `ml_collections.ConfigDict`.
+The dict is locked before overrides apply, so a misspelt key fails instead of being
+silently added, and ConfigDict's own type checking rejects e.g. a string for an int.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+import sys
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file, key or value is wrong; the message names it."""
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads `configs/x.py` or `configs/x.py:arg`."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"--config: no such file {path!r}")
+  # Config files import their siblings as `configs.common`: put the folder's parent on the path.
+  root = str(file.absolute().parent.parent)
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  module_spec = importlib.util.spec_from_file_location(f"zojax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config: {path} defines no get_config(arg)")
+  config = module.get_config(arg or None)
+  config.lock()
+  return config
+
+
+def parse_value(text: str):
+  """Python literal if it parses as one (3, 1e-4, True, None, (1, 2)), else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def override(config: ml_collections.ConfigDict, assignments: list[str]) -> None:
+  """Applies `a.b=value` overrides in place; unknown keys and wrong types raise ConfigError."""
+  for item in assignments:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in {key!r})")
+      node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ConfigError(f"unknown config key {key!r}")
+    value = parse_value(text)
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config key {key!r}: cannot set {value!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]})") from None
+
+
+def _require(ok: bool, key: str, value, why: str) -> None:
+  if not ok:
+    raise ConfigError(f"config key {key!r}={value!r}: {why}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values the code would otherwise trip over deep inside a jitted step."""
+  t, o = config.train, config.optim
+  _require(t.steps > 0, "train.steps", t.steps, "must be positive")
+  _require(t.batch_size > 0, "train.batch_size", t.batch_size, "must be positive")
+  _require(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "must be positive")
+  _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every,
+           "must be positive")
+  _require(t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints,
+           "must be positive")
+  _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at end)")
+  _require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
+  _require(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", t.max_nonfinite_steps,
+           "must be >= 0")
+  _require(t.halt_at_step is None or 0 < t.halt_at_step <= t.steps, "train.halt_at_step",
+           t.halt_at_step, f"must be None or in 1..train.steps={t.steps}")
+  _require(o.learning_rate >= 0, "optim.learning_rate", o.learning_rate, "must be >= 0")
+  _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+  _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+  _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "must be in [0, 1)")
+  _require(config.model.init in ("pretrained", "random"), "model.init", config.model.init,
+           "must be 'pretrained' or 'random'")
+  _require(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
+           "must be 'float32' or 'bfloat16'")

@@ -1,0 +1,270 @@
+"""The first-order training loop: sharded state, donated jitted step, exact resume, eval.
+
+Usable from a notebook: `train(config, workdir)` runs a whole experiment and returns its
+results dict; `make_state`, `make_train_step` and `evaluate` are the pieces.
+
+State is built the big_vision way: shapes by `jax.eval_shape`, shardings from logical
+axis rules, a jitted init with `out_shardings`, and a step with donated state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from zojax.data import tasks
+from zojax.models import llama
+from zojax.train import checkpoint, config as config_lib, memory, metrics, optimizer, sharding
+
+log = logging.getLogger(__name__)
+
+# Config keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = ("train.halt_at_step", "train.progress")
+
+# Dispatching many collective-bearing steps without waiting can deadlock XLA's in-process
+# collectives on fake CPU devices; waiting this often costs nothing measurable.
+SYNC_EVERY = 8
+
+
+class TrainState(NamedTuple):
+  step: jax.Array       # int32 []: steps taken; also the data-iterator position
+  params: Any
+  opt_state: Any
+  rng: jax.Array        # uint32 key data (raw, so orbax stores it as a plain array)
+  nonfinite: jax.Array  # int32 []: steps skipped for a non-finite loss or gradient
+
+
+def model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
+  overrides = {"dtype": config.model.dtype}
+  if config.model.get("vocab_size"):
+    overrides["vocab_size"] = config.model.vocab_size
+  return llama.get_config(config.model.name, **overrides)
+
+
+def initial_params(config: ml_collections.ConfigDict, model_cfg: llama.LlamaConfig):
+  """Pretrained weights (host numpy, placed later) or a function of a key for random init."""
+  if config.model.init == "pretrained":
+    if config.model.name != "smollm2-135m":
+      raise config_lib.ConfigError(
+          f"config key 'model.init'='pretrained' needs model.name='smollm2-135m' (the only "
+          f"weights zojax ships a loader for), got {config.model.name!r}")
+    from zojax.models import smollm2  # noqa: PLC0415  (reads a 100 MB file; only when asked)
+    _, params = smollm2.load_smollm2()
+    return lambda key: params
+  return lambda key: llama.init(model_cfg, key)
+
+
+def make_state(config, model_cfg, tx, mesh):
+  """Builds the sharded initial TrainState and its shardings."""
+  make_params = initial_params(config, model_cfg)
+  key = jax.random.key(config.seed)
+
+  def init(key):
+    params = make_params(key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(key), nonfinite=jnp.zeros((), jnp.int32))
+
+  shapes = jax.eval_shape(init, key)
+  rules = [tuple(r) for r in config.mesh.rules]
+  params_sh = sharding.param_shardings(shapes.params, llama.param_axes(model_cfg), rules, mesh)
+  replicated = NamedSharding(mesh, P())
+  state_sh = TrainState(
+      step=replicated, params=params_sh,
+      opt_state=sharding.optimizer_state_shardings(tx, shapes.opt_state, params_sh, mesh),
+      rng=replicated, nonfinite=replicated)
+  state = jax.jit(init, out_shardings=state_sh)(key)
+  return state, state_sh
+
+
+def make_train_step(model_cfg: llama.LlamaConfig, tx: optax.GradientTransformation, *,
+                    remat: bool):
+  """One AdamW/SGD step. A non-finite loss or gradient leaves params and opt state as they were."""
+
+  def step(state: TrainState, batch):
+    def loss_fn(params):
+      return llama.loss_fn(model_cfg, params, batch, remat=remat)
+
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_if_bad(params, state.params),
+        opt_state=keep_if_bad(opt_state, state.opt_state),
+        rng=state.rng,
+        nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
+    out = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
+    if "correct" in sums:
+      out["accuracy"] = sums["correct"] / jnp.maximum(sums["count"], 1.0)
+    return new_state, out
+
+  return step
+
+
+def make_eval_step(model_cfg: llama.LlamaConfig):
+  def eval_step(params, batch):
+    return llama.loss_fn(model_cfg, params, batch)[1]
+  return eval_step
+
+
+def evaluate(eval_step, params, task: tasks.Task, batch_size: int, batch_sharding) -> dict:
+  """Metrics on every eval split: accuracy + loss (classification) or loss + perplexity (LM)."""
+  results = {}
+  for split, data in task.eval_sets.items():
+    total = None
+    for batch in tasks.eval_batches(data, batch_size):
+      sums = eval_step(params, jax.device_put(batch, batch_sharding))
+      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    total = jax.device_get(total)
+    count = float(total["count"])
+    results[f"{split}/loss"] = float(total["loss_sum"]) / count
+    if "correct" in total:
+      results[f"{split}/accuracy"] = float(total["correct"]) / count
+    else:
+      results[f"{split}/perplexity"] = math.exp(results[f"{split}/loss"])
+  return results
+
+
+def _config_diff(a: dict, b: dict, prefix="") -> list[str]:
+  keys = sorted(set(a) | set(b))
+  out = []
+  for k in keys:
+    name = f"{prefix}{k}"
+    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+      out += _config_diff(a[k], b[k], name + ".")
+    elif a.get(k) != b.get(k) and name not in RESUMABLE_CHANGES:
+      out.append(name)
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Runs (or resumes) the experiment `config` in `workdir`; returns the results dict."""
+  config_lib.validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_json = json.loads(config.to_json())
+
+  mesh = sharding.make_mesh([tuple(a) for a in config.mesh.axes])
+  data_size = mesh.shape.get("data", 1)
+  for key in ("batch_size", "eval_batch_size"):
+    if config.train[key] % data_size:
+      raise config_lib.ConfigError(
+          f"config key 'train.{key}'={config.train[key]} must be a multiple of the mesh's "
+          f"data axis ({data_size} devices)")
+  model_cfg = model_config(config)
+  task = tasks.build(config.task, batch_size=config.train.batch_size, seed=config.seed)
+  if task.vocab_size > model_cfg.vocab_size:
+    raise config_lib.ConfigError(
+        f"config key 'model.vocab_size'={model_cfg.vocab_size} is smaller than the task's "
+        f"tokenizer vocabulary ({task.vocab_size})")
+  tx = optimizer.build(config.optim, config.train.steps)
+  state, state_sh = make_state(config, model_cfg, tx, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+
+  mngr = checkpoint.manager(workdir / "checkpoints", every=config.train.checkpoint_every,
+                            keep=config.train.keep_checkpoints)
+  restored = checkpoint.restore_latest(mngr, checkpoint.abstract(state, state_sh))
+  start = 0
+  if restored is not None:
+    start, state, meta = restored
+    changed = _config_diff(meta["config"], config_json)
+    if changed:
+      raise config_lib.ConfigError(
+          f"workdir {workdir} holds a run with a different config (keys {', '.join(changed)}); "
+          "use a new --workdir or the original config")
+    log.info("resumed from step %d", start)
+  log_file = metrics.MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+
+  train_step = jax.jit(make_train_step(model_cfg, tx, remat=config.model.remat),
+                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                       donate_argnums=0)
+  example = jax.device_put(task.train_batch(start), batch_sh)
+  compiled = train_step.lower(state, example).compile()
+  step_memory = memory.step_memory(compiled)
+  eval_step = jax.jit(make_eval_step(model_cfg))
+
+  def run_eval(step):
+    with mesh:
+      results = evaluate(eval_step, state.params, task, config.train.eval_batch_size, batch_sh)
+    log_file.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
+    return results
+
+  initial_eval = run_eval(0) if start == 0 and config.train.eval_at_start else None
+  last = config.train.halt_at_step or config.train.steps
+  bar = tqdm.tqdm(total=last, initial=start, disable=not config.train.progress,
+                  desc=workdir.name, dynamic_ncols=True)
+  t0, timed_steps = None, 0
+  try:
+    for step in range(start, last):
+      batch = jax.device_put(task.train_batch(step), batch_sh)
+      state, out = compiled(state, batch)
+      done = step + 1
+      if done % config.train.log_every == 0 or done % SYNC_EVERY == 0 or done == last:
+        out = jax.device_get(out)
+        if bool(out["skipped"]):
+          log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped", done,
+                      out["loss"])
+        nonfinite = int(state.nonfinite)
+        if nonfinite > config.train.max_nonfinite_steps:
+          checkpoint.save(mngr, done, state, {"config": config_json}, force=True)
+          raise FloatingPointError(
+              f"{nonfinite} steps had a non-finite loss or gradient, more than "
+              f"train.max_nonfinite_steps={config.train.max_nonfinite_steps}; state saved at "
+              f"step {done} in {workdir / 'checkpoints'}")
+        if done % config.train.log_every == 0 or done == last:
+          log_file.write({"step": done, **{f"train/{k}": v for k, v in out.items()},
+                          "train/nonfinite_steps": nonfinite})
+        bar.set_postfix(loss=f"{float(out['loss']):.4f}")
+      if t0 is None:  # time steady-state steps only: the first includes dispatch warm-up
+        jax.block_until_ready(state.step)
+        t0 = time.perf_counter()
+      else:
+        timed_steps += 1
+      bar.update(1)
+      checkpoint.save(mngr, done, state, {"config": config_json}, force=done == last)
+      if config.train.eval_every and done % config.train.eval_every == 0 and done != last:
+        run_eval(done)
+  except KeyboardInterrupt:
+    step_now = int(state.step)
+    checkpoint.save(mngr, step_now, state, {"config": config_json}, force=True)
+    log.warning("interrupted: state saved at step %d", step_now)
+    raise
+  finally:
+    bar.close()
+  jax.block_until_ready(state)
+  seconds_per_step = (time.perf_counter() - t0) / timed_steps if timed_steps else None
+
+  final = run_eval(last)
+  results = {
+      "model": dataclasses.asdict(model_cfg) | {"num_params": model_cfg.num_params},
+      "task": task.info,
+      "steps": last,
+      "halted_early": last != config.train.steps,
+      "nonfinite_steps": int(state.nonfinite),
+      "initial_eval": initial_eval,
+      "final_eval": final,
+      "step_memory": step_memory,
+      "seconds_per_step": seconds_per_step,
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "config": config_json,
+  }
+  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  metrics.plot_curves(log_file.read(), workdir / "curves.png", title=workdir.name)
+  results["state"] = state
+  return results
