@@ -14,19 +14,27 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def manager(directory: pathlib.Path, *, every: int, keep: int) -> ocp.CheckpointManager:
-  """Saves every `every` steps (and whenever `save(force=True)`), keeping the newest `keep`."""
+def manager(directory: pathlib.Path, *, keep: int) -> ocp.CheckpointManager:
+  """A manager keeping the newest `keep` checkpoints; `save` decides when to write."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, save_interval_steps=every, create=True, enable_async_checkpointing=False)
+      max_to_keep=keep, create=True, enable_async_checkpointing=False)
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *,
-         force: bool = False) -> bool:
-  saved = mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+         every: int = 1, force: bool = False) -> bool:
+  """Writes a checkpoint when `step` is a multiple of `every`, or when forced.
+
+  (Orbax's own interval logic also saves the first step it sees; ours is exact.)
+  """
+  if not force and step % every:
+    return False
+  if mngr.latest_step() == step:
+    return False
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
   mngr.wait_until_finished()
-  return saved
+  return True
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any):

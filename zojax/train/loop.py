@@ -98,7 +98,7 @@ def make_train_step(model_cfg: llama.LlamaConfig, tx: optax.GradientTransformati
       return llama.loss_fn(model_cfg, params, batch, remat=remat)
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -177,8 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   state, state_sh = make_state(config, model_cfg, tx, mesh)
   batch_sh = sharding.batch_sharding(mesh)
 
-  mngr = checkpoint.manager(workdir / "checkpoints", every=config.train.checkpoint_every,
-                            keep=config.train.keep_checkpoints)
+  mngr = checkpoint.manager(workdir / "checkpoints", keep=config.train.keep_checkpoints)
   restored = checkpoint.restore_latest(mngr, checkpoint.abstract(state, state_sh))
   start = 0
   if restored is not None:
@@ -237,7 +236,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       else:
         timed_steps += 1
       bar.update(1)
-      checkpoint.save(mngr, done, state, {"config": config_json}, force=done == last)
+      checkpoint.save(mngr, done, state, {"config": config_json},
+                      every=config.train.checkpoint_every, force=done == last)
       if config.train.eval_every and done % config.train.eval_every == 0 and done != last:
         run_eval(done)
   except KeyboardInterrupt:

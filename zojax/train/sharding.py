@@ -17,7 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def make_mesh(axes: Sequence[tuple[str, int]]) -> Mesh:
-  """A mesh from (name, size) pairs; one size may be -1 to take the remaining devices."""
+  """A mesh from (name, size) pairs; one size may be -1 to take the remaining devices.
+
+  A mesh smaller than the machine uses the first devices (handy for comparisons).
+  """
   names = [a for a, _ in axes]
   sizes = [int(s) for _, s in axes]
   n = jax.device_count()
@@ -28,9 +31,9 @@ def make_mesh(axes: Sequence[tuple[str, int]]) -> Mesh:
     if n % known:
       raise ValueError(f"mesh.axes={list(axes)}: {n} devices not divisible by {known}")
     sizes[sizes.index(-1)] = n // known
-  if math.prod(sizes) != n:
+  if math.prod(sizes) > n:
     raise ValueError(f"mesh.axes={list(axes)} needs {math.prod(sizes)} devices, have {n}")
-  devices = np.asarray(jax.devices()).reshape(sizes)
+  devices = np.asarray(jax.devices()[:math.prod(sizes)]).reshape(sizes)
   return Mesh(devices, tuple(names))
 
 

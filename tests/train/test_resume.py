@@ -1,0 +1,71 @@
+"""Resume is bit-identical: 2N straight steps == N steps, a process restart, then N more."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+N = 3
+
+
+def _run(workdir, *overrides):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "zojax.run", "--config", "configs/sentiment_adamw.py:tiny",
+         "--workdir", str(workdir), f"train.steps={2 * N}", f"train.checkpoint_every={N}",
+         "train.progress=False", "train.log_every=1", *overrides]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _state(workdir, step):
+  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_resume_after_restart_is_bit_identical(tmp_path):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  _run(straight)
+  _run(resumed, f"train.halt_at_step={N}")
+  assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [str(N)]
+  _run(resumed)  # a new process: restores params, optimizer state, step and key from step N
+
+  a, b = _state(straight, 2 * N), _state(resumed, 2 * N)
+  assert int(a["step"]) == int(b["step"]) == 2 * N
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Training moved the weights, so the equality above is not vacuous.
+  initial = _state(resumed, N)
+  assert not np.array_equal(np.asarray(initial["params"]["blocks"]["wq"]),
+                            np.asarray(b["params"]["blocks"]["wq"]))
+
+  # The resumed run's log has each step exactly once, as the straight run's does.
+  import json
+  steps = lambda d: [r["step"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                     if "train/loss" in r]
+  assert steps(resumed) == steps(straight) == list(range(1, 2 * N + 1))
+  for d in (straight, resumed):
+    assert (d / "results.json").exists() and (d / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.assets
+def test_resume_refuses_a_different_config(tmp_path):
+  _run(tmp_path, f"train.halt_at_step={N}")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+      [sys.executable, "-m", "zojax.run", "--config", "configs/sentiment_adamw.py:tiny",
+       "--workdir", str(tmp_path), f"train.steps={2 * N}", f"train.checkpoint_every={N}",
+       "optim.learning_rate=0.5", "train.progress=False"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2
+  assert "optim.learning_rate" in proc.stderr.strip().splitlines()[-1]
