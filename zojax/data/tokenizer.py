@@ -66,7 +66,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> tokenizers.Tokenizer:
   # the input and dropped by decode(skip_special_tokens=True).
   tok.add_special_tokens([
       tokenizers.AddedToken(t, special=True, normalized=False)
-      for t, kind in zip(tokens, metadata["tokenizer.ggml.token_type"]) if kind == _CONTROL])
+      for t, ttype in zip(tokens, metadata["tokenizer.ggml.token_type"]) if ttype == _CONTROL])
   if metadata.get("tokenizer.ggml.add_bos_token", False):
     bos = tokens[metadata["tokenizer.ggml.bos_token_id"]]
     tok.post_processor = processors.TemplateProcessing(
