@@ -72,3 +72,12 @@ def sentiment_task() -> ml_collections.ConfigDict:
   t.eval_splits = ("dev", "test")
   t.eval_limit = 0                 # >0: evaluate on the first N examples of each split
   return t
+
+
+def corpus_task() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.name = "corpus"
+  t.seq_len = 256
+  t.val_fraction = 0.02            # held-out share of each source
+  t.eval_limit = 64                # validation rows scored at each eval (0: all)
+  return t
