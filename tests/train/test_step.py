@@ -80,3 +80,17 @@ def test_schedule_shapes():
   cfg = ml_collections.ConfigDict(dict(learning_rate=1.0, warmup_steps=2, schedule="linear"))
   lr = optimizer.schedule(cfg, total_steps=6)
   np.testing.assert_allclose([lr(i) for i in range(7)], [0, 0.5, 1, 0.75, 0.5, 0.25, 0], atol=1e-6)
+
+
+def test_evaluate_weights_padding_and_reports_perplexity():
+  from zojax.data import tasks
+  model_cfg, tx, mesh, state, state_sh, batch = _setup(mesh_axes=(("data", 1), ("model", 1)))
+  rows = np.asarray(jax.random.randint(jax.random.key(5), (5, 7), 0, model_cfg.vocab_size))
+  data = {"tokens": rows[:, :-1], "targets": rows[:, 1:]}
+  task = tasks.Task("lm", model_cfg.vocab_size, None, {"val": data}, {})
+  eval_step = jax.jit(loop.make_eval_step(model_cfg))
+  # Batch size 4 over 5 rows: the second batch is 1 real row + 3 padding rows.
+  got = loop.evaluate(eval_step, state.params, task, 4, sharding.batch_sharding(mesh))
+  want, _ = llama.loss_fn(model_cfg, state.params, data)
+  np.testing.assert_allclose(got["val/loss"], float(want), rtol=1e-5)
+  np.testing.assert_allclose(got["val/perplexity"], np.exp(float(want)), rtol=1e-5)
