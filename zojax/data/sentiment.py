@@ -11,7 +11,7 @@ plus k per class for validation, drawn from the remaining pool::
   splits = sentiment_splits(seed=0)           # fixed; vary only the k-shot seed
   data = kshot(splits, k=16, seed=13)
   enc = encode_prompts(tok, data.train, max_len=64, pad_id=0)
-  batch = batches(enc, 16, seed=13, step=step)
+  batch = batching.batches(enc, 16, seed=13, step=step)
 
 Every random choice uses numpy's `Generator(PCG64(SeedSequence([seed, purpose])))`, which
 is platform-independent (unlike Python's salted `hash()`). numpy may change a Generator
@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import pathlib
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -38,7 +38,7 @@ _ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 _MEMBER = "movieReviewSnippets_GroundTruth.txt"
 
 # Second SeedSequence word, so that the same user seed drives unrelated streams.
-_SPLIT_STREAM, _KSHOT_STREAM, _BATCH_STREAM = 0, 1, 2
+_SPLIT_STREAM, _KSHOT_STREAM = 0, 1  # batching.py uses stream 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,80 +300,3 @@ def encode_prompts(
       "id": np.asarray(examples.id, np.int32),
       "truncated": truncated,
   }
-
-
-def _num_examples(encoded: dict[str, np.ndarray]) -> int:
-  sizes = {k: len(v) for k, v in encoded.items()}
-  if len(set(sizes.values())) != 1:
-    raise ValueError(f"encoded arrays differ in leading dimension: {sizes}")
-  n = next(iter(sizes.values()))
-  if n == 0:
-    raise ValueError("encoded holds no examples")
-  return n
-
-
-def batch_indices(n: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
-  """Example indices of the batch at global `step` (see `batches`)."""
-  if batch_size < 1:
-    raise ValueError(f"{batch_size=} must be >= 1")
-  if step < 0:
-    raise ValueError(f"{step=} must be >= 0")
-  # Positions in the endless stream epoch 0 permutation, epoch 1 permutation, ...
-  pos = np.arange(int(step) * batch_size, (int(step) + 1) * batch_size, dtype=np.int64)
-  epoch, offset = np.divmod(pos, n)
-  out = np.empty(batch_size, np.int64)
-  for e in np.unique(epoch):
-    perm = np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence([int(seed), _BATCH_STREAM, int(e)])))
-    at = epoch == e
-    out[at] = perm.permutation(n)[offset[at]]
-  return out
-
-
-def batches(
-    encoded: dict[str, np.ndarray], batch_size: int, *, seed: int, step: int
-) -> dict[str, np.ndarray]:
-  """The training batch for global step `step`, a pure function of (data, seed, step).
-
-  The examples form an endless stream: a fresh seeded permutation of all N examples per
-  epoch, concatenated. Step s takes stream positions [s * B, (s + 1) * B), so a batch may
-  span two epochs and epoch = s * B // N. Because nothing else is consumed, the integer step
-  is the whole data-iterator state: a run resumed from a checkpoint at step s sees exactly
-  the batches an uninterrupted run would.
-
-  Args:
-    encoded: from `encode_prompts` (every array has leading dimension N).
-    batch_size: B; may exceed N (the batch then spans several epochs).
-    seed: the shuffling seed.
-    step: the global optimizer step (>= 0).
-
-  Returns:
-    `encoded` with every array indexed by the B example indices of this step.
-  """
-  n = _num_examples(encoded)
-  idx = batch_indices(n, batch_size, seed=seed, step=step)
-  return {k: v[idx] for k, v in encoded.items()}
-
-
-def eval_batches(
-    encoded: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Yields fixed-size batches covering every example once, in order.
-
-  The last batch is filled up with copies of its last real example and `weight` 0, so every
-  batch has the same shape (one compilation) and weighted sums count each example once.
-
-  Args:
-    encoded: from `encode_prompts`.
-    batch_size: B.
-
-  Yields:
-    `encoded` sliced to B rows, plus `weight`: float32 [B], 1 for real rows, 0 for padding.
-  """
-  n = _num_examples(encoded)
-  if batch_size < 1:
-    raise ValueError(f"{batch_size=} must be >= 1")
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    weight = (idx < n).astype(np.float32)
-    idx = np.minimum(idx, n - 1)
-    yield {**{k: v[idx] for k, v in encoded.items()}, "weight": weight}

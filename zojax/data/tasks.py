@@ -1,7 +1,7 @@
 """Tasks as the training loop sees them: a batch for every step, and fixed eval sets.
 
 `build(config.task, ...)` turns a task config into a `Task`. Training batches are a pure
-function of the step (see `sentiment.batches`), so resuming needs nothing but the step.
+function of the step (see `batching.batches`), so resuming needs nothing but the step.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from zojax.data import corpus, sentiment
+from zojax.data import batching, corpus, sentiment
 from zojax.data.tokenizer import smollm2_tokenizer
 
 TASKS = ("sentiment", "corpus")
-eval_batches = sentiment.eval_batches
+eval_batches = batching.eval_batches
 
 # Encoded fields the model reads; the rest (e.g. `truncated`) is bookkeeping.
 CLASSIFICATION_FIELDS = ("tokens", "last_index", "candidates", "label")
@@ -57,7 +57,7 @@ def _sentiment(cfg, batch_size: int, seed: int) -> Task:
           "sizes": {"train": len(train["label"]), **{n: len(e["label"]) for n, e in evals.items()}},
           "truncated": truncated}
   return Task("sentiment", tok.get_vocab_size(),
-              lambda step: sentiment.batches(train, batch_size, seed=seed, step=step),
+              lambda step: batching.batches(train, batch_size, seed=seed, step=step),
               evals, info)
 
 
@@ -75,7 +75,7 @@ def _corpus(cfg, batch_size: int, seed: int) -> Task:
   info = {"name": "corpus", "seq_len": cfg.seq_len,
           "sizes": {"train": len(train["tokens"]), "validation": len(val)}}
   return Task("corpus", tok.get_vocab_size(),
-              lambda step: sentiment.batches(train, batch_size, seed=seed, step=step),
+              lambda step: batching.batches(train, batch_size, seed=seed, step=step),
               {"validation": _lm_rows(val)}, info)
 
 
