@@ -1,7 +1,6 @@
 """Step-indexed training batches and padded eval batches."""
 
 import numpy as np
-import pytest
 
 from zojax.data import batching
 
