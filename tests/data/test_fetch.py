@@ -82,3 +82,23 @@ def test_every_asset_has_a_notice():
   root = pathlib.Path(__file__).resolve().parents[2]
   for asset in fetch.ASSETS.values():
     assert (root / asset.licence).is_file(), asset.licence
+
+
+def test_deb_falls_back_to_the_debian_pool_over_http(fake_asset, monkeypatch, tmp_path):
+  asset, archive, _ = fake_asset
+  monkeypatch.setitem(fetch.ASSETS, "fake", fetch.dataclasses.replace(
+      asset, pool_path=f"pool/{archive.name}"))
+  (tmp_path / "pool").mkdir()
+  (tmp_path / "pool" / archive.name).write_bytes(archive.read_bytes())
+  monkeypatch.setenv("ZOJAX_DEBIAN_MIRROR", tmp_path.as_uri())  # file:// mirror
+  monkeypatch.setattr(fetch, "_download_command", lambda a, d: ["no-such-apt-get"])
+  assert (fetch.fetch("fake") / "pkg-1.0" / "file.txt").exists()
+
+
+def test_both_deb_routes_failing_reports_both(fake_asset, monkeypatch, tmp_path):
+  asset, archive, _ = fake_asset
+  monkeypatch.setitem(fetch.ASSETS, "fake", fetch.dataclasses.replace(asset, pool_path="pool/x.deb"))
+  monkeypatch.setenv("ZOJAX_DEBIAN_MIRROR", tmp_path.as_uri())
+  monkeypatch.setattr(fetch, "_download_command", lambda a, d: ["no-such-apt-get"])
+  with pytest.raises(fetch.AssetError, match="no-such-apt-get.*not available.*GET file:"):
+    fetch.fetch("fake")

