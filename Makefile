@@ -10,7 +10,9 @@ PYTEST_WORKERS ?= 2
 .PHONY: demo test assets install clean-runs
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# Debian's python3 may lack the venv module (package python3-venv): fall back to virtualenv.
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
+	  ($(PYTHON) -m pip install -q --user virtualenv && $(PYTHON) -m virtualenv -q $(VENV))
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
