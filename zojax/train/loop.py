@@ -10,6 +10,7 @@ axis rules, a jitted init with `out_shardings`, and a step with donated state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -54,30 +55,23 @@ def model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
   return llama.get_config(config.model.name, **overrides)
 
 
-def initial_params(config: ml_collections.ConfigDict, model_cfg: llama.LlamaConfig):
-  """Pretrained weights (host numpy, placed later) or a function of a key for random init."""
-  if config.model.init == "pretrained":
-    if config.model.name != "smollm2-135m":
-      raise config_lib.ConfigError(
-          f"config key 'model.init'='pretrained' needs model.name='smollm2-135m' (the only "
-          f"weights zojax ships a loader for), got {config.model.name!r}")
-    from zojax.models import smollm2  # noqa: PLC0415  (reads a 100 MB file; only when asked)
-    _, params = smollm2.load_smollm2()
-    return lambda key: params
-  return lambda key: llama.init(model_cfg, key)
+def _check_pretrained(config: ml_collections.ConfigDict) -> None:
+  if config.model.init == "pretrained" and config.model.name != "smollm2-135m":
+    raise config_lib.ConfigError(
+        f"config key 'model.init'='pretrained' needs model.name='smollm2-135m' (the only "
+        f"weights zojax ships a loader for), got {config.model.name!r}")
 
 
-def make_state(config, model_cfg, tx, mesh):
-  """Builds the sharded initial TrainState and its shardings."""
-  make_params = initial_params(config, model_cfg)
-  key = jax.random.key(config.seed)
+def _init_state(tx, params, key) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(key), nonfinite=jnp.zeros((), jnp.int32))
 
-  def init(key):
-    params = make_params(key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(key), nonfinite=jnp.zeros((), jnp.int32))
 
-  shapes = jax.eval_shape(init, key)
+def state_shardings(config, model_cfg: llama.LlamaConfig, tx, mesh):
+  """Abstract TrainState (shapes) and its shardings, without allocating anything."""
+  _check_pretrained(config)
+  shapes = jax.eval_shape(functools.partial(_init_state, tx), llama.param_shapes(model_cfg),
+                          jax.random.key(config.seed))
   rules = [tuple(r) for r in config.mesh.rules]
   params_sh = sharding.param_shardings(shapes.params, llama.param_axes(model_cfg), rules, mesh)
   replicated = NamedSharding(mesh, P())
@@ -85,8 +79,26 @@ def make_state(config, model_cfg, tx, mesh):
       step=replicated, params=params_sh,
       opt_state=sharding.optimizer_state_shardings(tx, shapes.opt_state, params_sh, mesh),
       rng=replicated, nonfinite=replicated)
-  state = jax.jit(init, out_shardings=state_sh)(key)
-  return state, state_sh
+  return shapes, state_sh
+
+
+def init_state(config, model_cfg: llama.LlamaConfig, tx, state_sh: TrainState) -> TrainState:
+  """The initial TrainState, placed: pretrained weights or a jitted random init."""
+  key = jax.random.key(config.seed)
+  if config.model.init == "pretrained":
+    from zojax.models import smollm2  # noqa: PLC0415  (reads a 100 MB file; only when asked)
+    params = jax.device_put(smollm2.load_smollm2()[1], state_sh.params)
+  else:
+    params = jax.jit(functools.partial(llama.init, model_cfg), out_shardings=state_sh.params)(key)
+  # Params are arguments, not closed-over constants, so they never land in the HLO.
+  return jax.jit(functools.partial(_init_state, tx), out_shardings=state_sh,
+                 donate_argnums=0)(params, key)
+
+
+def make_state(config, model_cfg, tx, mesh):
+  """Builds the sharded initial TrainState and its shardings."""
+  _, state_sh = state_shardings(config, model_cfg, tx, mesh)
+  return init_state(config, model_cfg, tx, state_sh), state_sh
 
 
 def make_train_step(model_cfg: llama.LlamaConfig, tx: optax.GradientTransformation, *,
@@ -174,13 +186,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         f"config key 'model.vocab_size'={model_cfg.vocab_size} is smaller than the task's "
         f"tokenizer vocabulary ({task.vocab_size})")
   tx = optimizer.build(config.optim, config.train.steps)
-  state, state_sh = make_state(config, model_cfg, tx, mesh)
+  shapes, state_sh = state_shardings(config, model_cfg, tx, mesh)
   batch_sh = sharding.batch_sharding(mesh)
 
   mngr = checkpoint.manager(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-  restored = checkpoint.restore_latest(mngr, checkpoint.abstract(state, state_sh))
+  restored = checkpoint.restore_latest(mngr, checkpoint.abstract(shapes, state_sh))
   start = 0
-  if restored is not None:
+  if restored is None:
+    state = init_state(config, model_cfg, tx, state_sh)
+  else:
     start, state, meta = restored
     changed = _config_diff(meta["config"], config_json)
     if changed:
