@@ -1,0 +1,121 @@
+"""The perturbation stream: addresses, order invariance, sharding invariance, dtype."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from zojax.zo import perturb
+
+
+def _params(dtype=jnp.float32):
+  """A small block-protocol tree with uneven leaf shapes (dims divisible by 8 for sharding)."""
+  rng = np.random.default_rng(0)
+  n = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), dtype)
+  return {
+      "embed": {"tokens": n(32, 8)},
+      "blocks": {"wq": n(3, 8, 16), "attn_norm": n(3, 8), "w_down": n(3, 16, 8)},
+      "head": {"final_norm": n(8), "unembed": n(8, 32)},
+  }
+
+
+# Jitted (step and sample traced): one compilation per tree structure keeps the file fast.
+_noise = jax.jit(perturb.tree_noise)
+
+
+def _equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_address_formula_is_pinned():
+  """z of leaf j of layer l is normal(fold_in^4(key; t, i, l, j)) with j in sorted-path order."""
+  params, key = _params(), jax.random.key(42)
+  z = _noise(key, 5, 2, params)
+  layer_key = lambda l: jax.random.fold_in(
+      jax.random.fold_in(jax.random.fold_in(key, 5), 2), l)
+  # Sorted block leaf names: attn_norm (0), w_down (1), wq (2).
+  expect = jax.random.normal(jax.random.fold_in(layer_key(1), 2), (8, 16), jnp.float32)
+  np.testing.assert_array_equal(z["blocks"]["wq"][1], expect)
+  # Head: final_norm (0), unembed (1), under the fixed head layer id.
+  expect = jax.random.normal(jax.random.fold_in(layer_key(perturb.HEAD_LAYER), 1), (8, 32))
+  np.testing.assert_array_equal(z["head"]["unembed"], expect)
+  # Raw key data addresses the same stream as the typed key.
+  _equal(_noise(jax.random.key_data(key), 5, 2, params), z)
+
+
+def test_whole_tree_equals_per_layer_in_reverse_order():
+  params, key = _params(), jax.random.key(1)
+  whole = _noise(key, 7, 1, params)
+  num_layers, one = perturb.unstacked_like(params["blocks"])
+  # One compilation, the layer index traced: as inside a scan over layers.
+  per_layer = jax.jit(lambda l, like: perturb.block_noise(key, 7, 1, l, like))
+  for l in reversed(range(num_layers)):
+    layer = per_layer(l, jax.tree.map(lambda a: a[l], params["blocks"]))
+    _equal(layer, jax.tree.map(lambda a: a[l], whole["blocks"]))
+  # ... and eagerly, layer by layer, as a streaming engine would.
+  for l in (2, 0, 1):
+    _equal(perturb.block_noise(key, 7, 1, l, one), jax.tree.map(lambda a: a[l], whole["blocks"]))
+
+
+def test_leaf_order_does_not_depend_on_insertion_order():
+  key = jax.random.key(3)
+  a = {"blocks": {"x": jnp.zeros((2, 4)), "b": jnp.zeros((2, 3)), "m": jnp.zeros((2, 5))}}
+  b = {"blocks": {"m": jnp.zeros((2, 5)), "x": jnp.zeros((2, 4)), "b": jnp.zeros((2, 3))}}
+  # OrderedDicts flatten in insertion order; the stream must not.
+  oa = collections.OrderedDict([("x", jnp.zeros(4)), ("b", jnp.zeros(3)), ("m", jnp.zeros(5))])
+  ob = collections.OrderedDict([("m", jnp.zeros(5)), ("b", jnp.zeros(3)), ("x", jnp.zeros(4))])
+  za, zb = _noise(key, 0, 0, a), _noise(key, 0, 0, b)
+  zoa, zob = _noise(key, 0, 0, oa), _noise(key, 0, 0, ob)
+  for name in ("x", "b", "m"):
+    np.testing.assert_array_equal(za["blocks"][name], zb["blocks"][name])
+    np.testing.assert_array_equal(zoa[name], zob[name])
+  assert [perturb._path_name(p[-1]) for p in perturb.leaf_paths(ob)] == ["b", "m", "x"]
+
+
+def test_every_address_component_changes_z():
+  params, key = _params(), jax.random.key(0)
+  base = _noise(key, 1, 0, params)
+  for other in (_noise(key, 2, 0, params), _noise(key, 1, 1, params),
+                _noise(jax.random.key(1), 1, 0, params)):
+    assert not np.allclose(base["blocks"]["wq"], other["blocks"]["wq"])
+  # Layers differ from each other; same-shaped leaves in one layer differ (leaf index).
+  assert not np.allclose(base["blocks"]["wq"][0], base["blocks"]["wq"][1])
+  assert not np.allclose(base["head"]["final_norm"], base["blocks"]["attn_norm"][0])
+  z = np.asarray(base["blocks"]["wq"]).ravel()
+  assert abs(z.mean()) < 0.2 and 0.8 < z.std() < 1.2
+
+
+def test_z_is_float32_and_the_same_for_bf16_params():
+  key = jax.random.key(5)
+  z32 = _noise(key, 3, 0, _params(jnp.float32))
+  z16 = _noise(key, 3, 0, _params(jnp.bfloat16))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(z16))
+  _equal(z16, z32)
+  w = jnp.ones((4,), jnp.bfloat16)
+  assert perturb.perturb(w, jnp.ones((4,)), 0.5).dtype == jnp.bfloat16
+
+
+def test_sharding_does_not_change_z():
+  assert jax.device_count() == 8
+  params, key = _params(), jax.random.key(9)
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  spec = lambda a: P(*([None] * (a.ndim - 1)), "model") if a.shape[-1] % 4 == 0 else P()
+  shardings = jax.tree.map(lambda a: NamedSharding(mesh, spec(a)), params)
+  sharded = jax.jit(perturb.tree_noise, out_shardings=shardings)(key, 4, 1, params)
+  assert len(sharded["blocks"]["wq"].sharding.device_set) == 8
+  _equal(sharded, _noise(key, 4, 1, params))
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match="key has PRNG impl 'rbg'"):
+    perturb.key_data(jax.random.key(0, impl="rbg"))
+  with pytest.raises(ValueError, match="top-level keys.*'extra'"):
+    _noise(jax.random.key(0), 0, 0, {"blocks": {"w": jnp.zeros((2, 3))},
+                                                 "extra": jnp.zeros(3)})
+  with pytest.raises(ValueError, match="disagree on the layer axis"):
+    _noise(jax.random.key(0), 0, 0, {"blocks": {"a": jnp.zeros((2, 3)),
+                                                            "b": jnp.zeros((3, 3))}})

@@ -1,0 +1,207 @@
+"""The perturbation stream: z for every parameter leaf as a pure function of its address.
+
+DESIGN.md, interface 2. The perturbation of leaf ``j`` of layer ``l`` for sample ``i`` at
+step ``t`` is
+
+  z = normal(fold_in(fold_in(fold_in(fold_in(key, t), i), l), j), leaf.shape, float32)
+
+where ``key`` is the run's base key. Nothing else enters, so the same z comes out whatever
+the execution order (whole tree, one layer at a time, layers reversed), offload setting or
+mesh: ``jax_threefry_partitionable`` is on by default in JAX >= 0.5 (checked below), which
+makes threefry draws independent of how the output is sharded.
+
+Addresses:
+  * ``l``: blocks are ``0 .. L-1`` (position on the stacked layer axis). The non-block
+    subtrees of a block-protocol tree have fixed ids `EMBED_LAYER` (``params["embed"]``)
+    and `HEAD_LAYER` (``params["head"]``). A tree without a ``"blocks"`` key (a plain
+    pytree, e.g. a quadratic's parameters) is one group with id `FLAT_LAYER`.
+  * ``j``: the leaf's position in `leaf_paths` order: key paths of the group's subtree
+    (for blocks: the per-layer tree, without the layer axis), sorted by their entries'
+    names. This is what `jax.tree_util` does for plain dicts, but it is also fixed for
+    ``OrderedDict``s and other containers that flatten in insertion order.
+
+z is always drawn in float32 and only then cast where a lower precision is needed
+(``normal(key, dtype=bfloat16)`` is a different draw from ``normal(key).astype(bfloat16)``).
+
+PRNG choice (JAX 0.10.2, shared 2-core CPU, ``jit(normal(fold_in(key, t), (20000, 1000)))``,
+20M float32 normals, best of 5): threefry2x32 via ``jax.random.PRNGKey`` 0.50 s, via
+``jax.random.key(impl="threefry2x32")`` 0.47 s (the same generator), "rbg" 0.99 s,
+"unsafe_rbg" 1.00 s; raw threefry bits alone 0.38 s. Threefry is the fastest here, and the only
+generator JAX documents as sharding-invariant (with ``jax_threefry_partitionable``; the rbg
+family is documented as possibly changing with sharding, even though an 8-way-sharded
+(64, 1024) draw on fake CPU devices happened to match), so it is the stream's generator
+(`IMPL`). Whatever speed rbg gains on GPU/TPU would come at the cost of that invariance.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+IMPL = "threefry2x32"
+
+# Layer ids of the non-block groups. Blocks use 0..L-1; these sit far above any layer count.
+EMBED_LAYER = 0x7FFF_FFF0
+HEAD_LAYER = 0x7FFF_FFF1
+FLAT_LAYER = 0x7FFF_FFF2
+_GROUP_LAYERS = {"embed": EMBED_LAYER, "head": HEAD_LAYER}
+
+if not jax.config.jax_threefry_partitionable:  # pragma: no cover (default since JAX 0.5)
+  raise ImportError("zojax.zo needs jax_threefry_partitionable=True for sharding-invariant z")
+
+
+def key_data(key) -> jax.Array:
+  """Raw uint32 data of a base key (typed `IMPL` key or legacy uint32 key) for a ZOGrad."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    impl = str(jax.random.key_impl(key))
+    if impl != IMPL:
+      raise ValueError(f"key has PRNG impl {impl!r}; the perturbation stream uses {IMPL!r}")
+    return jax.random.key_data(key)
+  if key.dtype != jnp.uint32 or key.shape != (2,):
+    raise ValueError(f"key must be a typed {IMPL} key or uint32[2] key data, got "
+                     f"{key.dtype}{list(key.shape)}")
+  return key
+
+
+def wrap_key(data: jax.Array) -> jax.Array:
+  return jax.random.wrap_key_data(data, impl=IMPL)
+
+
+def sample_key(key, step, sample):
+  """Key of (step, sample); `key` is a typed key or raw uint32 key data."""
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = wrap_key(key)
+  return jax.random.fold_in(jax.random.fold_in(key, step), sample)
+
+
+def leaf_normal(key: jax.Array, shape) -> jax.Array:
+  """The one place z is drawn: float32 standard normals (tests count calls to this)."""
+  return jax.random.normal(key, shape, jnp.float32)
+
+
+def _path_name(entry) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_paths(tree: Any) -> list[tuple]:
+  """Key paths of `tree`'s leaves in the stream's fixed order (leaf index j = position)."""
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return sorted(paths, key=lambda p: tuple(_path_name(e) for e in p))
+
+
+def group_noise(layer_key: jax.Array, tree_like: Any) -> Any:
+  """z for every leaf of one group (a layer, embed or head), leaf j keyed fold_in(key, j)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree_like)
+  index = {path: j for j, path in enumerate(leaf_paths(tree_like))}
+  zs = [leaf_normal(jax.random.fold_in(layer_key, index[path]), leaf.shape)
+        for path, leaf in flat]
+  return jax.tree_util.tree_unflatten(treedef, zs)
+
+
+def block_noise(key, step, sample, layer, block_like: Any) -> Any:
+  """z for one layer's parameters (no layer axis); `layer` may be traced.
+
+  Args:
+    key: the run's base key (typed `IMPL` key or its raw uint32 data).
+    step: the step t (int or int32 scalar).
+    sample: the sample index i.
+    layer: the layer index l in 0..L-1.
+    block_like: a tree with one layer's shapes (arrays or ShapeDtypeStructs).
+
+  Returns:
+    A float32 tree shaped like `block_like`.
+  """
+  layer_key = jax.random.fold_in(sample_key(key, step, sample), layer)
+  return group_noise(layer_key, block_like)
+
+
+def is_block_tree(params: Any) -> bool:
+  """True for a block-protocol tree {"embed", "blocks", "head"} (see module docstring)."""
+  if not (isinstance(params, dict) and "blocks" in params):
+    return False
+  extra = set(params) - {"embed", "blocks", "head"}
+  if extra:
+    raise ValueError(f"params has top-level keys {sorted(extra)} besides embed/blocks/head; "
+                     "the perturbation stream has no layer id for them")
+  return True
+
+
+def unstacked_like(blocks: Any) -> tuple[int, Any]:
+  """(L, one layer's ShapeDtypeStructs) of stacked blocks."""
+  leaves = jax.tree.leaves(blocks)
+  sizes = {leaf.shape[0] for leaf in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"params['blocks'] leaves disagree on the layer axis: sizes {sorted(sizes)}")
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), blocks)
+  return sizes.pop(), one
+
+
+def group_layer(name: str) -> int:
+  return _GROUP_LAYERS[name]
+
+
+def map_groups(fn: Callable[[Any, Any], Any], params: Any) -> Any:
+  """fn(layer_id, group_like) over every group of `params`, reassembled into its tree.
+
+  Stacked blocks are visited one layer at a time (`lax.map` over l, `group_like` without
+  the layer axis), so whatever `fn` allocates is one layer's worth, never the whole stack.
+  """
+  if not is_block_tree(params):
+    return fn(FLAT_LAYER, params)
+  out = {}
+  for name, sub in params.items():
+    if name == "blocks":
+      num_layers, one = unstacked_like(sub)
+      out[name] = jax.lax.map(lambda l, one=one: fn(l, one),
+                              jnp.arange(num_layers, dtype=jnp.int32))
+    else:
+      out[name] = fn(group_layer(name), sub)
+  return out
+
+
+def tree_noise(key, step, sample, params: Any) -> Any:
+  """z for a whole parameter tree (float32, shaped like `params`).
+
+  Stacked blocks are generated per layer, so layer l of the result is bit-identical to
+  `block_noise(key, step, sample, l, ...)`.
+
+  Args:
+    key: the run's base key (typed or raw data).
+    step: the step t.
+    sample: the sample index i.
+    params: the parameter tree (arrays or ShapeDtypeStructs).
+
+  Returns:
+    A float32 tree shaped like `params`.
+  """
+  skey = sample_key(key, step, sample)
+  return map_groups(lambda layer, like: group_noise(jax.random.fold_in(skey, layer), like),
+                    params)
+
+
+def perturb(w: jax.Array, z: jax.Array, scale) -> jax.Array:
+  """w + scale * z, computed in float32 and cast back to w's dtype (the one formula used)."""
+  return (w.astype(jnp.float32) + scale * z).astype(w.dtype)
+
+
+def perturb_tree(params: Any, z: Any, scale) -> Any:
+  """θ + scale · z leaf by leaf (a new tree; params are never modified)."""
+  return jax.tree.map(lambda w, zz: perturb(w, zz, scale), params, z)
+
+
+def perturb_stacked(w: jax.Array, z: jax.Array, scales_S: jax.Array) -> jax.Array:
+  """[S, *w.shape]: w + scales[s] * z for each branch s, by the same formula as `perturb`."""
+  return jax.vmap(lambda s: perturb(w, z, s))(scales_S)
+
+
+__all__ = [
+    "IMPL", "EMBED_LAYER", "HEAD_LAYER", "FLAT_LAYER", "key_data", "wrap_key", "sample_key",
+    "leaf_normal", "leaf_paths", "group_noise", "group_layer", "block_noise", "map_groups",
+    "tree_noise", "is_block_tree", "unstacked_like", "perturb", "perturb_tree",
+    "perturb_stacked",
+]
