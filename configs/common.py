@@ -39,6 +39,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.momentum = 0.0
   c.optim.grad_clip = 0.0          # 0: off
 
+  # Zeroth-order estimate (used when optim.name is zo_sgd / zo_adam / zo_sign).
+  c.zo = ml_collections.ConfigDict()
+  c.zo.eps = 1e-3                  # perturbation scale (MeZO: 1e-3)
+  c.zo.num_samples = 1             # perturbation directions per step (n-SPSA)
+  c.zo.one_sided = False
+  c.zo.verify_replay = False       # after training, replay the seed log and check bit-equality
+
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
   c.train.batch_size = 8

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zojax import optim, zo
 from zojax.train import sharding
-from zojax.train.optimizer import decay_mask
+from zojax.optim.masks import decay_mask
 
 LR, WD = 0.1, 0.05
 

@@ -17,9 +17,11 @@ CONFIG = "configs/sentiment_adamw.py:tiny"
     ("model.init=magic", "model.init"),
     ("train.halt_at_step=999", "train.halt_at_step"),
     ("train.steps", "train.steps"),
+    ("zo.eps=0", "zo.eps"),
 ])
 def test_bad_override_names_the_key(override, key, capsys):
-  assert run.main(["--config", CONFIG, "--workdir", "/tmp/unused", override]) == 2
+  config = "configs/sentiment_zo.py:tiny" if override.startswith("zo.") else CONFIG
+  assert run.main(["--config", config, "--workdir", "/tmp/unused", override]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error:") and key in err[0], err
 

@@ -1,5 +1,6 @@
 """Resume is bit-identical: 2N straight steps == N steps, a process restart, then N more."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -14,10 +15,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 N = 3
 
 
-def _run(workdir, *overrides):
+def _run(workdir, *overrides, config="configs/sentiment_adamw.py:tiny"):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "zojax.run", "--config", "configs/sentiment_adamw.py:tiny",
+  cmd = [sys.executable, "-m", "zojax.run", "--config", config,
          "--workdir", str(workdir), f"train.steps={2 * N}", f"train.checkpoint_every={N}",
          "train.progress=False", "train.log_every=1", *overrides]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -31,12 +32,15 @@ def _state(workdir, step):
 
 @pytest.mark.assets
 @pytest.mark.slow
-def test_resume_after_restart_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("config", ["configs/sentiment_adamw.py:tiny",
+                                    "configs/sentiment_zo.py:tiny"])
+def test_resume_after_restart_is_bit_identical(tmp_path, config):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  _run(straight)
-  _run(resumed, f"train.halt_at_step={N}")
+  _run(straight, config=config)
+  _run(resumed, f"train.halt_at_step={N}", config=config)
   assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [str(N)]
-  _run(resumed)  # a new process: restores params, optimizer state, step and key from step N
+  # A new process: restores params, optimizer state, step, key (and the ZO seed log) from N.
+  _run(resumed, config=config)
 
   a, b = _state(straight, 2 * N), _state(resumed, 2 * N)
   assert int(a["step"]) == int(b["step"]) == 2 * N
@@ -50,12 +54,16 @@ def test_resume_after_restart_is_bit_identical(tmp_path):
                             np.asarray(b["params"]["blocks"]["wq"]))
 
   # The resumed run's log has each step exactly once, as the straight run's does.
-  import json
   steps = lambda d: [r["step"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
                      if "train/loss" in r]
   assert steps(resumed) == steps(straight) == list(range(1, 2 * N + 1))
   for d in (straight, resumed):
     assert (d / "results.json").exists() and (d / "curves.png").stat().st_size > 1000
+  if "zo" in config:
+    # The seed log survives the restart, and replaying it rebuilds the weights bit for bit.
+    assert (straight / "zo_log.json").read_text() == (resumed / "zo_log.json").read_text()
+    for d in (straight, resumed):
+      assert json.loads((d / "results.json").read_text())["replay_bit_identical"] is True
 
 
 @pytest.mark.assets

@@ -8,6 +8,7 @@ import optax
 
 from configs import common
 from zojax.models import llama
+from zojax.optim import masks
 from zojax.train import loop, optimizer, sharding
 
 
@@ -71,7 +72,7 @@ def test_sharded_step_matches_single_device():
 
 def test_weight_decay_mask_skips_norms():
   params = llama.init(llama.CONFIGS["tiny"], jax.random.key(0))
-  mask = optimizer.decay_mask(params)
+  mask = masks.decay_mask(params)
   assert mask["blocks"]["wq"] and mask["embed"]["tokens"]
   assert not mask["blocks"]["attn_norm"] and not mask["head"]["final_norm"]
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zojax.train.optimizer import decay_mask
+from zojax.optim.masks import decay_mask
 from zojax.zo.spsa import ZOGrad, materialize as materialize_estimate
 
 
@@ -136,7 +136,7 @@ def zo_sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
       even 0.0, keeps one so `inject_hyperparams` can schedule it).
     weight_decay: λ, coupled as in MeZO.
     nesterov: Nesterov momentum.
-    mask: where weight decay applies; None uses `zojax.train.optimizer.decay_mask` (no decay
+    mask: where weight decay applies; None uses `zojax.optim.masks.decay_mask` (no decay
       on norms and biases).
 
   Returns:

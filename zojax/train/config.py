@@ -99,6 +99,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
   _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
   _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "must be in [0, 1)")
+  if o.name.startswith("zo_"):
+    z = config.zo
+    _require(z.eps > 0, "zo.eps", z.eps, "must be > 0")
+    _require(z.num_samples >= 1, "zo.num_samples", z.num_samples, "must be >= 1")
+    _require(not o.grad_clip, "optim.grad_clip", o.grad_clip,
+             "gradient clipping does not apply to zeroth-order optimizers; set it to 0")
   _require(config.model.init in ("pretrained", "random"), "model.init", config.model.init,
            "must be 'pretrained' or 'random'")
   _require(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,

@@ -27,6 +27,7 @@ import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zojax.data import tasks
+from zojax import zo
 from zojax.models import llama
 from zojax.train import checkpoint, config as config_lib, memory, metrics, optimizer, sharding
 
@@ -129,6 +130,51 @@ def make_train_step(model_cfg: llama.LlamaConfig, tx: optax.GradientTransformati
   return step
 
 
+class ZOStep(NamedTuple):
+  """A ZO training step as two compiled pieces, so the update is replayable bit-exactly."""
+
+  estimate: Any  # compiled (params, batch, rng, step) -> (loss, ZOGrad): the dual forward
+  apply: Any     # jitted (params, opt_state, ZOGrad) -> (params, opt_state), donating both
+
+
+def make_zo_step(model_cfg: llama.LlamaConfig, tx, zo_cfg, state, state_sh, example_batch,
+                 batch_sh) -> tuple[ZOStep, dict]:
+  """Compiles the SPSA estimate (perturbation inside the block scan) and the update.
+
+  The update is `zo.make_apply(tx)`, kept out of the estimate's jit because `zo.replay`
+  must run the very same compiled update to reproduce the weights bit for bit.
+  Returns the step and the memory of both compiled pieces.
+  """
+  model = llama.make(model_cfg)
+
+  def estimate(params, batch, rng, step):
+    return zo.spsa(model, params, batch, rng, step=step, eps=zo_cfg.eps,
+                   num_samples=zo_cfg.num_samples, one_sided=zo_cfg.one_sided)
+
+  replicated = state_sh.step
+  compiled = jax.jit(estimate, in_shardings=(state_sh.params, batch_sh, replicated, replicated)
+                     ).lower(state.params, example_batch, state.rng, state.step).compile()
+  apply = zo.make_apply(tx, donate=True)
+  update_memory = memory.step_memory(
+      apply.lower(state.params, state.opt_state,
+                  jax.eval_shape(estimate, state.params, example_batch, state.rng,
+                                 state.step)[1]).compile())
+  step_memory = memory.step_memory(compiled)
+  step_memory["update_peak_bytes"] = update_memory.get("peak_bytes")
+  return ZOStep(compiled, apply), step_memory
+
+
+def zo_train_step(zo_step: ZOStep, state: TrainState, batch, log: zo.ZOLog):
+  """One ZO step; appends its (step, coeffs) to `log`. Same outputs as the first-order step."""
+  loss, zograd = zo_step.estimate(state.params, batch, state.rng, state.step)
+  params, opt_state = zo_step.apply(state.params, state.opt_state, zograd)
+  log.append(zograd)
+  state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
+                     nonfinite=state.nonfinite + (~zograd.finite).astype(jnp.int32))
+  return state, {"loss": loss, "skipped": ~zograd.finite,
+                 "projected_grad": jnp.mean(zograd.coeffs)}
+
+
 def make_eval_step(model_cfg: llama.LlamaConfig):
   def eval_step(params, batch):
     return llama.loss_fn(model_cfg, params, batch)[1]
@@ -192,10 +238,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   mngr = checkpoint.manager(workdir / "checkpoints", keep=config.train.keep_checkpoints)
   restored = checkpoint.restore_latest(mngr, checkpoint.abstract(shapes, state_sh))
   start = 0
+  zeroth = optimizer.is_zeroth_order(config.optim)
+  zo_log = zo.ZOLog.start(jax.random.key(config.seed)) if zeroth else None
   if restored is None:
     state = init_state(config, model_cfg, tx, state_sh)
   else:
     start, state, meta = restored
+    if zeroth:
+      zo_log = zo.ZOLog.from_json(meta["zo_log"])
     changed = _config_diff(meta["config"], config_json)
     if changed:
       raise config_lib.ConfigError(
@@ -204,12 +254,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     log.info("resumed from step %d", start)
   log_file = metrics.MetricsLog(workdir / "metrics.jsonl", resume_step=start)
 
-  train_step = jax.jit(make_train_step(model_cfg, tx, remat=config.model.remat),
-                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                       donate_argnums=0)
   example = jax.device_put(task.train_batch(start), batch_sh)
-  compiled = train_step.lower(state, example).compile()
-  step_memory = memory.step_memory(compiled)
+  if zeroth:
+    zo_step, step_memory = make_zo_step(model_cfg, tx, config.zo, state, state_sh, example,
+                                        batch_sh)
+    run_step = functools.partial(zo_train_step, zo_step, log=zo_log)
+  else:
+    train_step = jax.jit(make_train_step(model_cfg, tx, remat=config.model.remat),
+                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                         donate_argnums=0)
+    run_step = train_step.lower(state, example).compile()
+    step_memory = memory.step_memory(run_step)
+
+  def meta():
+    record = {"config": config_json}
+    if zeroth:
+      record["zo_log"] = zo_log.to_json()
+    return record
   eval_step = jax.jit(make_eval_step(model_cfg))
 
   def run_eval(step):
@@ -226,7 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   try:
     for step in range(start, last):
       batch = jax.device_put(task.train_batch(step), batch_sh)
-      state, out = compiled(state, batch)
+      state, out = run_step(state, batch)
       done = step + 1
       if done % config.train.log_every == 0 or done % SYNC_EVERY == 0 or done == last:
         out = jax.device_get(out)
@@ -235,7 +296,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                       out["loss"])
         nonfinite = int(state.nonfinite)
         if nonfinite > config.train.max_nonfinite_steps:
-          checkpoint.save(mngr, done, state, {"config": config_json}, force=True)
+          checkpoint.save(mngr, done, state, meta(), force=True)
           raise FloatingPointError(
               f"{nonfinite} steps had a non-finite loss or gradient, more than "
               f"train.max_nonfinite_steps={config.train.max_nonfinite_steps}; state saved at "
@@ -250,13 +311,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       else:
         timed_steps += 1
       bar.update(1)
-      checkpoint.save(mngr, done, state, {"config": config_json},
-                      every=config.train.checkpoint_every, force=done == last)
+      checkpoint.save(mngr, done, state, meta(), every=config.train.checkpoint_every,
+                      force=done == last)
       if config.train.eval_every and done % config.train.eval_every == 0 and done != last:
         run_eval(done)
   except KeyboardInterrupt:
     step_now = int(state.step)
-    checkpoint.save(mngr, step_now, state, {"config": config_json}, force=True)
+    checkpoint.save(mngr, step_now, state, meta(), force=True)
     log.warning("interrupted: state saved at step %d", step_now)
     raise
   finally:
@@ -265,6 +326,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   seconds_per_step = (time.perf_counter() - t0) / timed_steps if timed_steps else None
 
   final = run_eval(last)
+  extra = {}
+  if zeroth:
+    zo_log.save(workdir / "zo_log.json")
+    extra["zo_log_bytes"] = (workdir / "zo_log.json").stat().st_size
+    if config.zo.verify_replay:
+      initial = init_state(config, model_cfg, tx, state_sh).params
+      replayed, _ = zo.replay(initial, zo_log, tx, apply=zo_step.apply)
+      extra["replay_bit_identical"] = all(
+          bool(jnp.array_equal(a, b)) for a, b in
+          zip(jax.tree.leaves(replayed), jax.tree.leaves(state.params)))
   results = {
       "model": dataclasses.asdict(model_cfg) | {"num_params": model_cfg.num_params},
       "task": task.info,
@@ -277,6 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       "seconds_per_step": seconds_per_step,
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "config": config_json,
+      **extra,
   }
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   metrics.plot_curves(log_file.read(), workdir / "curves.png", title=workdir.name)

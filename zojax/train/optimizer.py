@@ -1,12 +1,21 @@
-"""Builds the optax optimizer a config names (first-order baselines; ZO lives in zojax.optim)."""
+"""Builds the optax optimizer a config names: first-order (optax) or zeroth-order (zojax.optim)."""
 
 from __future__ import annotations
 
-import jax
 import optax
 
+from zojax.optim import zo as zo_optim
+from zojax.optim.masks import decay_mask
+
 SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "sgd")
+FIRST_ORDER = ("adamw", "sgd")
+ZEROTH_ORDER = ("zo_sgd", "zo_adam", "zo_sign")
+OPTIMIZERS = FIRST_ORDER + ZEROTH_ORDER
+
+
+def is_zeroth_order(cfg) -> bool:
+  """Whether optimizer config `cfg` consumes ZO estimates (zojax.zo.ZOGrad) instead of gradients."""
+  return cfg.name in ZEROTH_ORDER
 
 
 def schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -27,17 +36,6 @@ def schedule(cfg, total_steps: int) -> optax.Schedule:
                               [warmup])
 
 
-def decay_mask(params):
-  """Weight decay on weight matrices only: not on norms (nor biases), as MeZO and HF do.
-
-  Decided by name, since stacked norm scales [L, D] are 2-D like matrices.
-  """
-  def keep(path, _):
-    name = jax.tree_util.keystr(path)
-    return "norm" not in name and "bias" not in name
-  return jax.tree_util.tree_map_with_path(keep, params)
-
-
 def build(cfg, total_steps: int) -> optax.GradientTransformation:
   lr = schedule(cfg, total_steps)
   if cfg.name == "adamw":
@@ -46,6 +44,12 @@ def build(cfg, total_steps: int) -> optax.GradientTransformation:
   elif cfg.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask),
                      optax.sgd(lr, momentum=cfg.momentum or None))
+  elif cfg.name == "zo_sgd":
+    return zo_optim.zo_sgd(lr, momentum=cfg.momentum or None, weight_decay=cfg.weight_decay)
+  elif cfg.name == "zo_adam":
+    return zo_optim.zo_adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  elif cfg.name == "zo_sign":
+    return zo_optim.zo_sign(lr, weight_decay=cfg.weight_decay)
   else:
     raise ValueError(f"optim.name={cfg.name!r} is not one of {OPTIMIZERS}")
   if cfg.grad_clip:

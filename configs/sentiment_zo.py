@@ -1,0 +1,41 @@
+"""SmolLM2-135M fine-tuned with zeroth-order SGD (MeZO) on Rotten Tomatoes, k-shot protocol.
+
+  python -m zojax.run --config configs/sentiment_zo.py:k=16,kshot_seed=0 --workdir runs/zo16
+
+Two forward passes per step, no backward, no optimizer state for plain ZO-SGD; the run's
+weights are recoverable from the base weights plus `zo_log.json` (`zojax.zo.replay`).
+
+Variants (comma-separated in the arg):
+  tiny        2-layer random model, a few steps, replay verified: plumbing check on CPU.
+  adam        ZO-Adam instead of ZO-SGD.
+  k=N, kshot_seed=S, steps=T, lr=X   as in MeZO's grid (its full-parameter OPT runs use
+              lr in {1e-6, 1e-7}, eps 1e-3, batch 16, 20k-100k steps).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, tiny=False, adam=False, k=16, kshot_seed=0, steps=1000, lr=1e-6)
+  c = common.base_config()
+  c.task = common.sentiment_task()
+  c.task.k = arg.k
+  c.task.kshot_seed = arg.kshot_seed
+  c.optim.name = "zo_adam" if arg.adam else "zo_sgd"
+  c.optim.learning_rate = arg.lr
+  c.zo.eps = 1e-3
+  c.train.steps = arg.steps
+  c.train.batch_size = 16
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
+  c.train.log_every = 10
+  if arg.tiny:
+    c.model.name, c.model.init, c.model.vocab_size = "tiny", "random", 49152
+    c.optim.learning_rate = 1e-2 if not arg.adam else 1e-3
+    c.task.eval_limit = 64
+    c.train.steps = 6
+    c.train.eval_every = 0
+    c.train.log_every = 1
+    c.train.checkpoint_every = 3
+    c.zo.verify_replay = True
+  return c
