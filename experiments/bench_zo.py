@@ -163,7 +163,7 @@ def compile_steps(steps: Steps, params, batch, *, adamw: bool = True,
     (compiled executables by name, compile seconds by name).
   """
   params, batch = _abstract(params), _abstract(batch)
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  key = jax.ShapeDtypeStruct((4,), jnp.uint32)
   step = jax.ShapeDtypeStruct((), jnp.int32)
   zo_state = jax.eval_shape(steps.zo_tx.init, params)
   zograd = jax.eval_shape(steps.estimate, params, batch, key, step)[1]

@@ -33,7 +33,7 @@ def _equal(a, b):
 
 def test_address_formula_is_pinned():
   """z of leaf j of layer l is normal(fold_in^4(key; t, i, l, j)) with j in sorted-path order."""
-  params, key = _params(), jax.random.key(42)
+  params, key = _params(), jax.random.key(42, impl=perturb.IMPL)
   z = _noise(key, 5, 2, params)
   layer_key = lambda l: jax.random.fold_in(
       jax.random.fold_in(jax.random.fold_in(key, 5), 2), l)
@@ -45,6 +45,12 @@ def test_address_formula_is_pinned():
   np.testing.assert_array_equal(z["head"]["unembed"], expect)
   # Raw key data addresses the same stream as the typed key.
   _equal(_noise(jax.random.key_data(key), 5, 2, params), z)
+  # A default (threefry2x32) key, typed or as legacy data, is turned into a stream key once.
+  legacy = jax.random.key(42)
+  derived = jax.random.wrap_key_data(jax.random.bits(legacy, (4,), jnp.uint32),
+                                     impl=perturb.IMPL)
+  _equal(_noise(legacy, 5, 2, params), _noise(derived, 5, 2, params))
+  _equal(_noise(jax.random.key_data(legacy), 5, 2, params), _noise(derived, 5, 2, params))
 
 
 def test_whole_tree_equals_per_layer_in_reverse_order():
@@ -111,8 +117,10 @@ def test_sharding_does_not_change_z():
 
 
 def test_bad_inputs():
-  with pytest.raises(ValueError, match="key has PRNG impl 'rbg'"):
-    perturb.key_data(jax.random.key(0, impl="rbg"))
+  with pytest.raises(ValueError, match="single key.*shape \\(2,\\)"):
+    perturb.key_data(jax.random.split(jax.random.key(0)))
+  with pytest.raises(ValueError, match=r"uint32\[4\].*got uint32\[3\]"):
+    perturb.key_data(jnp.zeros((3,), jnp.uint32))
   with pytest.raises(ValueError, match="top-level keys.*'extra'"):
     _noise(jax.random.key(0), 0, 0, {"blocks": {"w": jnp.zeros((2, 3))},
                                                  "extra": jnp.zeros(3)})

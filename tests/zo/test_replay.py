@@ -89,7 +89,7 @@ def test_log_is_small_strict_json(run):
   text = log.to_json()
   assert len(text) < 4096
   record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
-  assert record["steps"] == list(range(STEPS)) and record["impl"] == "threefry2x32"
+  assert record["steps"] == list(range(STEPS)) and record["impl"] == "threefry4x32"
   assert record["coeffs"][BAD_STEP][0] in ("nan", "inf", "-inf")
   with pytest.raises(ValueError, match="is not this log's key"):
     zo.ZOLog.start(jax.random.key(5)).append(log.zograd(0))

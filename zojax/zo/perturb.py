@@ -23,14 +23,17 @@ Addresses:
 z is always drawn in float32 and only then cast where a lower precision is needed
 (``normal(key, dtype=bfloat16)`` is a different draw from ``normal(key).astype(bfloat16)``).
 
-PRNG choice (JAX 0.10.2, shared 2-core CPU, ``jit(normal(fold_in(key, t), (20000, 1000)))``,
-20M float32 normals, best of 5): threefry2x32 via ``jax.random.PRNGKey`` 0.50 s, via
-``jax.random.key(impl="threefry2x32")`` 0.47 s (the same generator), "rbg" 0.99 s,
-"unsafe_rbg" 1.00 s; raw threefry bits alone 0.38 s. Threefry is the fastest here, and the only
-generator JAX documents as sharding-invariant (with ``jax_threefry_partitionable``; the rbg
-family is documented as possibly changing with sharding, even though an 8-way-sharded
-(64, 1024) draw on fake CPU devices happened to match), so it is the stream's generator
-(`IMPL`). Whatever speed rbg gains on GPU/TPU would come at the cost of that invariance.
+PRNG choice (JAX 0.10.2, shared 2-core CPU, ``jit(normal(key, (100_000_000,)).sum())``,
+100M float32 normals, one warm call): threefry2x32 (JAX's default) 2.05 s, threefry4x32 0.61 s,
+philox4x32 0.60 s, rbg 2.72 s, unsafe_rbg 3.21 s. On CPU the generator is a real share of a ZO
+step (SmolLM2-135M draws 135M normals twice per step, against ~3 s for one bs16 seq64
+forward), so the stream uses threefry4x32 (`IMPL`): as fast as philox, and, like every
+threefry variant under ``jax_threefry_partitionable``, independent of how the output is
+sharded (tested). The rbg family is documented as sharding-dependent and is slower here.
+
+Base keys: a typed `IMPL` key or its uint32[4] data is used as is. Any other key (JAX's
+default threefry2x32 key, or its legacy uint32[2] data, as the train loop stores) is turned
+into a stream key once, by `key_data`: 4 random uint32 words drawn from it.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-IMPL = "threefry2x32"
+IMPL = "threefry4x32"
 
 # Layer ids of the non-block groups. Blocks use 0..L-1; these sit far above any layer count.
 EMBED_LAYER = 0x7FFF_FFF0
@@ -53,15 +56,19 @@ if not jax.config.jax_threefry_partitionable:  # pragma: no cover (default since
 
 
 def key_data(key) -> jax.Array:
-  """Raw uint32 data of a base key (typed `IMPL` key or legacy uint32 key) for a ZOGrad."""
+  """uint32[4] data of the stream's base key (see "Base keys" in the module docstring)."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    impl = str(jax.random.key_impl(key))
-    if impl != IMPL:
-      raise ValueError(f"key has PRNG impl {impl!r}; the perturbation stream uses {IMPL!r}")
-    return jax.random.key_data(key)
-  if key.dtype != jnp.uint32 or key.shape != (2,):
-    raise ValueError(f"key must be a typed {IMPL} key or uint32[2] key data, got "
-                     f"{key.dtype}{list(key.shape)}")
+    if key.shape != ():
+      raise ValueError(f"key must be a single key, got a key array of shape {key.shape}")
+    if str(jax.random.key_impl(key)) == IMPL:
+      return jax.random.key_data(key)
+    return jax.random.bits(key, (4,), jnp.uint32)
+  if key.dtype != jnp.uint32 or key.shape not in ((2,), (4,)):
+    raise ValueError(f"key must be a typed PRNG key, uint32[4] {IMPL} data or uint32[2] "
+                     f"threefry2x32 data, got {key.dtype}{list(key.shape)}")
+  if key.shape == (2,):
+    return jax.random.bits(jax.random.wrap_key_data(key, impl="threefry2x32"), (4,),
+                           jnp.uint32)
   return key
 
 
@@ -70,9 +77,8 @@ def wrap_key(data: jax.Array) -> jax.Array:
 
 
 def sample_key(key, step, sample):
-  """Key of (step, sample); `key` is a typed key or raw uint32 key data."""
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = wrap_key(key)
+  """Key of (step, sample); `key` is any base key `key_data` accepts."""
+  key = wrap_key(key_data(key))
   return jax.random.fold_in(jax.random.fold_in(key, step), sample)
 
 
