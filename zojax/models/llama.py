@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zojax.kernels import attention as attention_lib
 from zojax.models import protocol
 
 
@@ -40,6 +41,8 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype; params keep their own dtype
+  # zojax.kernels.attention implementation: "xla" (naive), "blockwise", "pallas" or "auto".
+  attention: str = "xla"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -52,6 +55,9 @@ class LlamaConfig:
           f"LlamaConfig: {self.num_heads=} must be a multiple of {self.num_kv_heads=}")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"LlamaConfig: attention={self.attention!r} is not one of "
+                       f"{attention_lib.IMPLEMENTATIONS}")
 
   @property
   def num_params(self) -> int:
@@ -164,17 +170,8 @@ def rope(x_BxTxHxD, theta: float):
 
 
 def causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
-  """Grouped-query causal softmax attention; H query heads share K = H/G kv heads."""
-  B, T, H, Dh = q_BxTxHxD.shape
-  K = k_BxTxKxD.shape[2]
-  q = q_BxTxHxD.reshape(B, T, K, H // K, Dh)
-  scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q, k_BxTxKxD,
-                                preferred_element_type=jnp.float32) / math.sqrt(Dh)
-  causal_TxS = jnp.tril(jnp.ones((T, T), dtype=bool))
-  scores_BxKxGxTxS = jnp.where(causal_TxS, scores_BxKxGxTxS, -jnp.inf)
-  probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxTxKxD.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxTxKxD)
-  return out.reshape(B, T, H, Dh)
+  """Grouped-query causal softmax attention, naive; H query heads share K = H/G kv heads."""
+  return attention_lib.attention_reference(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, causal=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +182,7 @@ def embed(config: LlamaConfig, params, batch):
   tokens_BxT = batch["tokens"]
   if tokens_BxT.ndim != 2:
     raise ValueError(f"batch['tokens'] must be [batch, seq], got shape {tokens_BxT.shape}")
-  return params["embed"]["tokens"][tokens_BxT].astype(config.dtype)
+  return protocol.take(params["embed"]["tokens"], tokens_BxT).astype(config.dtype)
 
 
 def block(config: LlamaConfig, p, x_BxTxD):
@@ -197,7 +194,8 @@ def block(config: LlamaConfig, p, x_BxTxD):
   q = (h @ cast(p["wq"])).reshape(B, T, c.num_heads, c.head_dim)
   k = (h @ cast(p["wk"])).reshape(B, T, c.num_kv_heads, c.head_dim)
   v = (h @ cast(p["wv"])).reshape(B, T, c.num_kv_heads, c.head_dim)
-  attn = causal_attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v)
+  attn = attention_lib.attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v, causal=True,
+                                 implementation=c.attention)
   x_BxTxD = x_BxTxD + attn.reshape(B, T, -1) @ cast(p["wo"])
   h = rms_norm(x_BxTxD, p["mlp_norm"], c.norm_eps)
   mlp = jax.nn.silu(h @ cast(p["w_gate"])) * (h @ cast(p["w_up"]))
@@ -207,8 +205,8 @@ def block(config: LlamaConfig, p, x_BxTxD):
 def _unembed(config: LlamaConfig, params):
   """[D, V] output projection (the transposed token table when tied)."""
   if config.tie_embeddings:
-    return params["embed"]["tokens"].T
-  return params["head"]["unembed"]
+    return protocol.dense(params["embed"]["tokens"]).T
+  return protocol.dense(params["head"]["unembed"])
 
 
 def head(config: LlamaConfig, params, x_BxTxD, batch):
@@ -228,9 +226,10 @@ def candidate_logits(config: LlamaConfig, params, h_BxTxD, batch):
   B = h_BxTxD.shape[0]
   h_BxD = h_BxTxD[jnp.arange(B), batch["last_index"]].astype(jnp.float32)
   if config.tie_embeddings:
-    w_BxCxD = params["embed"]["tokens"][batch["candidates"]]
+    w_BxCxD = protocol.take(params["embed"]["tokens"], batch["candidates"])
   else:
-    w_BxCxD = jnp.moveaxis(params["head"]["unembed"][:, batch["candidates"]], 0, -1)
+    w_BxCxD = jnp.moveaxis(protocol.take(params["head"]["unembed"], batch["candidates"], 1),
+                           0, -1)
   return jnp.einsum("bd,bcd->bc", h_BxD, w_BxCxD.astype(jnp.float32))
 
 
