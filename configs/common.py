@@ -67,6 +67,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def galore_settings() -> ml_collections.ConfigDict:
+  """`optim.galore` for optim.name in galore_adamw / galore8bit / natural_galore (paper defaults)."""
+  g = ml_collections.ConfigDict()
+  g.rank = 128
+  g.update_proj_gap = 200          # T: steps between projector refreshes
+  g.scale = 0.25                   # projected leaves train at learning_rate * scale
+  g.proj_type = "std"              # std / reverse_std / left / right / full
+  g.projector = "svd"              # or "randomized" (warm-started subspace iteration)
+  g.power_iters = 1                # randomized projector only
+  g.moment_policy = "keep"         # keep / reset / reproject at a refresh
+  g.stagger = False                # spread refreshes over the leaves
+  g.history = 20                   # natural_galore: gradients in the Fisher ring buffer
+  g.damping = 1e-3                 # natural_galore: lambda
+  return g
+
+
 def sentiment_task() -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.name = "sentiment"

@@ -105,7 +105,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(z.num_samples >= 1, "zo.num_samples", z.num_samples, "must be >= 1")
     _require(not o.grad_clip, "optim.grad_clip", o.grad_clip,
              "gradient clipping does not apply to zeroth-order optimizers; set it to 0")
+  if o.name in ("galore_adamw", "galore8bit", "natural_galore"):
+    _validate_galore(o)
   _require(config.model.init in ("pretrained", "random"), "model.init", config.model.init,
            "must be 'pretrained' or 'random'")
   _require(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
            "must be 'float32' or 'bfloat16'")
+
+
+def _validate_galore(o) -> None:
+  # zojax.optim re-exports the function `galore`, which shadows the module of that name.
+  from zojax.optim.galore import MOMENT_POLICIES, PROJ_TYPES, PROJECTOR_METHODS  # noqa: PLC0415
+  _require("galore" in o, "optim.galore", None,
+           f"optim.name={o.name!r} needs an optim.galore block (configs/common.galore_settings)")
+  g = o.galore
+  _require(g.rank > 0, "optim.galore.rank", g.rank, "must be positive")
+  _require(g.update_proj_gap > 0, "optim.galore.update_proj_gap", g.update_proj_gap,
+           "must be positive")
+  _require(g.proj_type in PROJ_TYPES, "optim.galore.proj_type", g.proj_type,
+           f"must be one of {PROJ_TYPES}")
+  _require(g.projector in PROJECTOR_METHODS, "optim.galore.projector", g.projector,
+           f"must be one of {PROJECTOR_METHODS}")
+  _require(g.moment_policy in MOMENT_POLICIES, "optim.galore.moment_policy",
+           g.moment_policy, f"must be one of {MOMENT_POLICIES}")
+  _require(not (o.name == "galore8bit" and g.moment_policy == "reproject"),
+           "optim.galore.moment_policy", g.moment_policy,
+           "8-bit moments cannot be reprojected; use 'keep' or 'reset'")
+  _require(g.power_iters >= 0, "optim.galore.power_iters", g.power_iters, "must be >= 0")
+  _require(g.history >= 1, "optim.galore.history", g.history, "must be >= 1")
+  _require(g.damping > 0, "optim.galore.damping", g.damping, "must be > 0")

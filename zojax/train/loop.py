@@ -78,7 +78,8 @@ def state_shardings(config, model_cfg: llama.LlamaConfig, tx, mesh):
   replicated = NamedSharding(mesh, P())
   state_sh = TrainState(
       step=replicated, params=params_sh,
-      opt_state=sharding.optimizer_state_shardings(tx, shapes.opt_state, params_sh, mesh),
+      opt_state=sharding.optimizer_state_shardings(tx, shapes.opt_state, params_sh, mesh,
+                                                   param_shapes=shapes.params),
       rng=replicated, nonfinite=replicated)
   return shapes, state_sh
 

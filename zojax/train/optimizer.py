@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import optax
 
+from zojax.optim.adam8bit import adam8bit
+from zojax.optim.galore import galore8bit, galore_adamw
+from zojax.optim.natural_galore import natural_galore
 from zojax.optim import zo as zo_optim
 from zojax.optim.masks import decay_mask
 
 SCHEDULES = ("constant", "linear", "cosine")
-FIRST_ORDER = ("adamw", "sgd")
+GALORE = ("galore_adamw", "galore8bit", "natural_galore")  # read settings from optim.galore
+FIRST_ORDER = ("adamw", "sgd", "adam8bit") + GALORE
 ZEROTH_ORDER = ("zo_sgd", "zo_adam", "zo_sign")
 OPTIMIZERS = FIRST_ORDER + ZEROTH_ORDER
 
@@ -44,6 +48,11 @@ def build(cfg, total_steps: int) -> optax.GradientTransformation:
   elif cfg.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask),
                      optax.sgd(lr, momentum=cfg.momentum or None))
+  elif cfg.name == "adam8bit":
+    tx = adam8bit(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                               weight_decay=cfg.weight_decay, mask=decay_mask)
+  elif cfg.name in GALORE:
+    tx = _galore(cfg, lr)
   elif cfg.name == "zo_sgd":
     return zo_optim.zo_sgd(lr, momentum=cfg.momentum or None, weight_decay=cfg.weight_decay)
   elif cfg.name == "zo_adam":
@@ -55,3 +64,17 @@ def build(cfg, total_steps: int) -> optax.GradientTransformation:
   if cfg.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
   return tx
+
+
+def _galore(cfg, lr) -> optax.GradientTransformation:
+  """GaLore family from `cfg.galore` (see configs/common.galore_settings). Projected leaves
+  train at learning_rate * galore.scale (the official convention)."""
+  g = cfg.galore
+  common = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                mask=decay_mask, rank=g.rank, update_proj_gap=g.update_proj_gap, scale=g.scale,
+                proj_type=g.proj_type, projector=g.projector, power_iters=g.power_iters,
+                stagger=g.stagger)
+  if cfg.name == "natural_galore":
+    return natural_galore(lr, history=g.history, damping=g.damping, **common)
+  factory = galore_adamw if cfg.name == "galore_adamw" else galore8bit
+  return factory(lr, moment_policy=g.moment_policy, **common)

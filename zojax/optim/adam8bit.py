@@ -1,0 +1,169 @@
+"""Adam with blockwise dynamic 8-bit moments, in pure JAX (runs on CPU, GPU and TPU).
+
+Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization" (bitsandbytes): each
+moment is cut into blocks of `block_size` consecutive entries along the last axis; a block
+stores one fp32 absmax and one uint8 code per entry, the code indexing a fixed 256-entry
+"dynamic" codebook on [-1, 1] (signed, for m) or [0, 1] (unsigned, for v). The codebook
+spends its codes per decade (10^-6 .. 1), so small entries keep relative precision. Each
+step dequantizes, runs the fp32 Adam update and requantizes.
+
+Leaves smaller than `min_8bit_size` keep fp32 moments (bitsandbytes' default: 4096), so
+norms and biases do not pay quantization error for no memory gain.
+
+Memory per quantized entry: 2 bytes (m and v codes) + 8 / block_size bytes of scales,
+against 8 bytes for fp32 Adam.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+_DECADES = 7  # codebook magnitudes 1e-6 .. 1
+
+
+@functools.cache
+def dynamic_codebook(signed: bool) -> np.ndarray:
+  """Sorted 256 values on [-1, 1] (signed) or [0, 1]: 0, 1 and, per decade 10^(k-6), k = 0..6,
+  2^k (signed: per sign) or 2^(k+1) (unsigned) values spaced linearly inside the decade."""
+  values = [0.0, 1.0]
+  for k in range(_DECADES):
+    count = 2 ** k if signed else 2 ** (k + 1)
+    edges = np.linspace(0.1, 1.0, count + 1)
+    mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (k - _DECADES + 1)
+    values += list(mids)
+    if signed:
+      values += list(-mids)
+  out = np.sort(np.asarray(values, np.float64)).astype(np.float32)
+  assert out.size == 256, out.size
+  return out
+
+
+def _blocks(x, block_size):
+  """Any shape -> [nb, block_size]: row-major flattened and zero-padded (as bitsandbytes)."""
+  flat = x.reshape(-1)
+  pad = -flat.size % block_size
+  if pad:
+    flat = jnp.pad(flat, (0, pad))
+  return flat.reshape(-1, block_size)
+
+
+def quantize(x, *, signed: bool, block_size: int = 256):
+  """fp32 array -> (uint8 codes of the same shape, fp32 absmax [ceil(size / block_size)])."""
+  x = jnp.asarray(x, jnp.float32)
+  xb = _blocks(x, block_size)
+  absmax = jnp.max(jnp.abs(xb), axis=-1)
+  safe = jnp.where(absmax > 0, absmax, 1.0)
+  normed = jnp.clip(xb / safe[:, None], -1.0, 1.0)
+  book = jnp.asarray(dynamic_codebook(signed))
+  hi = jnp.clip(jnp.searchsorted(book, normed), 1, book.size - 1)
+  lo = hi - 1
+  idx = jnp.where(normed - book[lo] <= book[hi] - normed, lo, hi)
+  return idx.reshape(-1)[:x.size].reshape(x.shape).astype(jnp.uint8), absmax
+
+
+def dequantize(codes, absmax, *, signed: bool, block_size: int = 256):
+  """Inverse of `quantize` (up to the codebook's resolution)."""
+  book = jnp.asarray(dynamic_codebook(signed))
+  vals = _blocks(book[codes.astype(jnp.int32)], block_size) * absmax[:, None]
+  return vals.reshape(-1)[:codes.size].reshape(codes.shape)
+
+
+class ScaleByAdam8bitState(NamedTuple):
+  """State of `scale_by_adam8bit`. All plain arrays.
+
+  Attributes:
+    count: int32 [].
+    mu, nu: param-shaped; uint8 codes for quantized leaves, fp32 for small ones.
+    mu_scale, nu_scale: fp32 [ceil(size / block_size)] per-block absmax over the row-major
+      flattened leaf (ones and unused for small leaves).
+  """
+  count: jax.Array
+  mu: Any
+  nu: Any
+  mu_scale: Any
+  nu_scale: Any
+
+
+def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
+                      block_size: int = 256, min_8bit_size: int = 4096
+                      ) -> optax.GradientTransformation:
+  """Adam's direction m_hat / (sqrt(v_hat) + eps) with moments stored blockwise in 8 bits.
+
+  Args:
+    b1, b2, eps: as `optax.scale_by_adam`.
+    block_size: consecutive entries per absmax block (256 as in the issue; bitsandbytes'
+      optimizers default to 2048).
+    min_8bit_size: leaves with fewer entries keep fp32 moments.
+
+  Returns:
+    A transform with state `ScaleByAdam8bitState`; updates keep the gradients' dtype.
+  """
+  quantized = lambda x: math.prod(np.shape(x)) >= min_8bit_size and np.ndim(x) >= 1
+  nb = lambda x: -(-math.prod(np.shape(x)) // block_size)
+
+  def init_fn(params):
+    if not jax.tree.leaves(params):  # optax.tree_map_params' placeholder
+      zero = jnp.zeros([], jnp.int32)
+      return ScaleByAdam8bitState(count=zero, mu=params, nu=params, mu_scale=zero, nu_scale=zero)
+
+    def codes(x, signed):
+      if not quantized(x):
+        return jnp.zeros(np.shape(x), jnp.float32)
+      return quantize(jnp.zeros(np.shape(x), jnp.float32), signed=signed, block_size=block_size)[0]
+    scales = lambda x: jnp.ones((nb(x),), jnp.float32)
+    return ScaleByAdam8bitState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(lambda x: codes(x, True), params),
+        nu=jax.tree.map(lambda x: codes(x, False), params),
+        mu_scale=jax.tree.map(scales, params), nu_scale=jax.tree.map(scales, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+
+    def one(g, mq, vq, ms, vs):
+      g32 = jnp.asarray(g, jnp.float32)
+      q = quantized(g)
+      m = dequantize(mq, ms, signed=True, block_size=block_size) if q else mq
+      v = dequantize(vq, vs, signed=False, block_size=block_size) if q else vq
+      m = b1 * m + (1 - b1) * g32
+      v = b2 * v + (1 - b2) * g32 * g32
+      u = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+      if q:
+        (mq, ms), (vq, vs) = (quantize(m, signed=True, block_size=block_size),
+                              quantize(v, signed=False, block_size=block_size))
+      else:
+        mq, vq = m, v
+      return u.astype(jnp.asarray(g).dtype), mq, vq, ms, vs
+
+    out = jax.tree.map(one, updates, state.mu, state.nu, state.mu_scale, state.nu_scale)
+    treedef = jax.tree.structure(updates)
+    u, mq, vq, ms, vs = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
+    return u, ScaleByAdam8bitState(count=count, mu=mq, nu=vq, mu_scale=ms, nu_scale=vs)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+             eps: float = 1e-8, weight_decay: float = 0.0, *, mask: Any = None,
+             block_size: int = 256, min_8bit_size: int = 4096) -> optax.GradientTransformation:
+  """8-bit AdamW: `scale_by_adam8bit`, decoupled weight decay, learning rate (as `optax.adamw`).
+
+  Example:
+    >>> tx = adam8bit(1e-3, weight_decay=0.1)
+  """
+  return optax.chain(
+      scale_by_adam8bit(b1=b1, b2=b2, eps=eps, block_size=block_size,
+                        min_8bit_size=min_8bit_size),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,761 @@
+"""GaLore: gradient low-rank projection as an optax transform wrapping any inner optimizer.
+
+Zhao et al., 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection"
+(Algorithm 2; the official code is the `galore-torch` package). For a weight W in R^{m x n}
+with gradient G, every `update_proj_gap` (T) steps a projector is refreshed from the SVD of
+G (in fp32); in between the gradient is projected, the inner optimizer runs on the small
+matrix, and its output is projected back and scaled:
+
+  left   (P: m x r)          R = P^T G      (r x n)     update = scale * P N
+  right  (Q: r x n)          R = G Q^T      (m x r)     update = scale * N Q
+  full   (P, Q)              R = P^T G Q^T  (r x r)     update = scale * P N Q
+
+`std` picks `right` when m >= n and `left` otherwise (it reduces the smaller dimension, so
+the inner state is max(m, n) x r), `reverse_std` the opposite. m and n are the rows and
+columns of the leaf as stored (zojax kernels are [in, out], torch's are [out, in]; for a
+square matrix `std` is `right` either way, exactly as in galore-torch).
+
+What differs from `optax.contrib.galore` (the JAX peer): it always projects the larger
+side, and gives stacked [L, m, n] leaves plain full-rank Adam. Here every projection type of
+the official projector is available, stacked leaves are projected per layer (the refresh is
+vmapped over the layer axis), leaves are chosen by path with the paper's default
+(attention and MLP kernels), and every leaf is accounted for: `galore_plan` lists which
+leaves are projected, on which side, and which go to the inner optimizer at full rank.
+
+Learning-rate convention (the official one): projected leaves train at lr * scale, the
+full-rank ones at lr. The paper's pre-training runs use lr 0.01, scale 0.25, T 200.
+
+The projection math is kept in two small functions, `project_reference` and
+`project_back_reference`, so the Pallas kernel (`zojax.kernels.projection`) can replace them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from zojax.optim.adam8bit import scale_by_adam8bit
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+MOMENT_POLICIES = ("keep", "reset", "reproject")
+PROJECTOR_METHODS = ("svd", "randomized")
+
+# Structural (shape-determining) arguments of this module's factories. They cannot be traced,
+# so they go to `optax.inject_hyperparams(..., static_args=...)`; see `static_args`.
+STATIC_ARGS = ("rank", "proj_type", "moment_policy", "projector", "power_iters", "oversample",
+               "stagger", "seed", "weight_dimension_numbers", "inner", "mask", "history",
+               "block_size", "min_8bit_size", "eps_convention")
+
+# Paper default: the linear layers of attention and MLP. Matched against the leaf's path.
+DEFAULT_PATTERN = (r"(^|\W)(wq|wk|wv|wo|w_gate|w_up|w_down|q_proj|k_proj|v_proj|o_proj|"
+                   r"gate_proj|up_proj|down_proj|attn|attention|self_attn|mlp)(\W|$)")
+
+
+def static_args(factory: Callable) -> tuple[str, ...]:
+  """The structural arguments of `factory`, for `optax.inject_hyperparams(static_args=...)`.
+
+  Example:
+    >>> tx = optax.inject_hyperparams(galore_adamw, static_args=static_args(galore_adamw))(
+    ...     learning_rate=1e-2, rank=4)
+  """
+  import inspect  # noqa: PLC0415
+  names = inspect.signature(factory).parameters
+  return tuple(a for a in STATIC_ARGS if a in names)
+
+
+# ---------------------------------------------------------------------------------------
+# Which leaves, which axes
+
+
+class GaLoreDimensionNumbers(NamedTuple):
+  """How a leaf is a (batch of) matrices: its batch axes, its row (m) axis, its column (n) axis.
+
+  Batch axes are projected independently (the layer axis of a stacked [L, m, n] kernel).
+  Every axis of the leaf must be named exactly once.
+  """
+  batch_axes: tuple[int, ...] = ()
+  row_axis: int = -2
+  col_axis: int = -1
+
+
+def _leading_batch(ndim: int) -> GaLoreDimensionNumbers:
+  return GaLoreDimensionNumbers(batch_axes=tuple(range(ndim - 2)))
+
+
+def path_dimension_numbers(pattern: str = DEFAULT_PATTERN, exclude: str = r"norm|bias|embed"
+                           ) -> Callable[[Any], Any]:
+  """Leaf selection by path: leaves whose path matches `pattern` (and not `exclude`) are projected.
+
+  Their leading axes are batch axes (a stacked [L, m, n] kernel is L matrices). A matched
+  leaf with fewer than 2 axes is an error rather than a silent skip.
+
+  Returns:
+    A callable params -> tree of `GaLoreDimensionNumbers` (projected) or None (full rank).
+  """
+  include_re, exclude_re = re.compile(pattern), re.compile(exclude) if exclude else None
+
+  def fn(params):
+    def one(path, x):
+      name = _path_str(path)
+      if not include_re.search(name) or (exclude_re and exclude_re.search(name)):
+        return None
+      if np.ndim(x) < 2:
+        raise ValueError(f"galore: leaf {name} with shape {tuple(np.shape(x))} matches the "
+                         f"projection pattern but is not a matrix; exclude it explicitly")
+      return _leading_batch(np.ndim(x))
+    return jax.tree_util.tree_map_with_path(one, params)
+  return fn
+
+
+default_dimension_numbers = path_dimension_numbers()
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path)
+
+
+class _LeafPlan(NamedTuple):
+  """Static description of one projected leaf (from shapes only)."""
+  path: str
+  perm: tuple[int, ...]        # transpose leaf -> (*batch, m, n)
+  batch_shape: tuple[int, ...]
+  m: int
+  n: int
+  side: str                    # left / right / full
+  rank: int
+
+
+def _side(proj_type: str, m: int, n: int) -> str:
+  if proj_type == "std":
+    return "right" if m >= n else "left"
+  if proj_type == "reverse_std":
+    return "left" if m >= n else "right"
+  return proj_type
+
+
+def _resolve_dim_nums(weight_dimension_numbers, params):
+  spec = default_dimension_numbers if weight_dimension_numbers is None else weight_dimension_numbers
+  if callable(spec) and not isinstance(spec, GaLoreDimensionNumbers):
+    spec = spec(params)
+  is_spec_leaf = lambda x: x is None or isinstance(x, (GaLoreDimensionNumbers, bool))
+  if isinstance(spec, GaLoreDimensionNumbers):
+    return jax.tree.map(lambda _: spec, params)
+  try:
+    return jax.tree.map(lambda s, _: s, spec, params, is_leaf=is_spec_leaf)
+  except ValueError as e:
+    raise ValueError("galore: weight_dimension_numbers must have the structure of the params "
+                     f"(a GaLoreDimensionNumbers, bool or None per leaf): {e}") from None
+
+
+def make_plan(params, *, rank: int, proj_type: str = "std", weight_dimension_numbers=None):
+  """Per-leaf plan: a `_LeafPlan` for projected leaves, None for full-rank ones.
+
+  Raises:
+    ValueError: an unknown proj_type, rank <= 0, rank > min(m, n) for a leaf, or bad axes;
+      the message names the leaf path and its shape.
+  """
+  if proj_type not in PROJ_TYPES:
+    raise ValueError(f"galore: proj_type={proj_type!r} is not one of {PROJ_TYPES}")
+  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool):
+    raise TypeError(f"galore: rank must be a Python int (pass it in inject_hyperparams' "
+                    f"static_args), got {type(rank).__name__}")
+  dim_nums = _resolve_dim_nums(weight_dimension_numbers, params)
+
+  def one(path, x, dn):
+    name = _path_str(path)
+    shape = tuple(np.shape(x))
+    if dn is None or dn is False:
+      return None
+    if dn is True:
+      if len(shape) < 2:
+        raise ValueError(f"galore: leaf {name} with shape {shape} is masked for projection but "
+                         "is not a matrix")
+      dn = _leading_batch(len(shape))
+    nd = len(shape)
+    axes = [a % nd for a in (*dn.batch_axes, dn.row_axis, dn.col_axis)] if nd else []
+    if nd < 2 or sorted(axes) != list(range(nd)):
+      raise ValueError(f"galore: leaf {name} with shape {shape}: dimension numbers {dn} must "
+                       "name every axis exactly once (batch axes, one row, one column)")
+    m, n = shape[axes[-2]], shape[axes[-1]]
+    if rank <= 0 or rank > min(m, n):
+      raise ValueError(f"galore: rank={rank} for leaf {name} with shape {shape} (matrix "
+                       f"{m}x{n}) must be in 1..min(m, n)={min(m, n)}")
+    return _LeafPlan(path=name, perm=tuple(axes), batch_shape=tuple(shape[a] for a in axes[:-2]),
+                     m=m, n=n, side=_side(proj_type, m, n), rank=int(rank))
+
+  return jax.tree_util.tree_map_with_path(one, params, dim_nums)
+
+
+def galore_plan(params, *, rank: int, proj_type: str = "std", weight_dimension_numbers=None
+                ) -> dict[str, str]:
+  """Human-readable account of every leaf: projected (side, shapes) or full rank.
+
+  Example:
+    >>> galore_plan(params, rank=128)["['blocks']['wq']"]
+    'right: 8 x [512, 512] -> [512, 128]'
+  """
+  plan = make_plan(params, rank=rank, proj_type=proj_type,
+                   weight_dimension_numbers=weight_dimension_numbers)
+  out = {}
+  for (path, x), p in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                          jax.tree.leaves(plan, is_leaf=_is_plan_leaf)):
+    if p is None:
+      out[_path_str(path)] = f"full rank: {list(np.shape(x))}"
+    else:
+      low = _low_rank_shape(p)
+      batch = "x".join(map(str, p.batch_shape))
+      out[_path_str(path)] = (f"{p.side}: {batch + ' x ' if batch else ''}[{p.m}, {p.n}] -> "
+                              f"{list(low)}")
+  return out
+
+
+_is_plan_leaf = lambda x: x is None or isinstance(x, _LeafPlan)
+
+
+def _low_rank_shape(p: _LeafPlan) -> tuple[int, int]:
+  return {"left": (p.rank, p.n), "right": (p.m, p.rank), "full": (p.rank, p.rank)}[p.side]
+
+
+def _to_matrix(x, p: _LeafPlan):
+  """Leaf -> [*batch, m, n] fp32."""
+  return jnp.transpose(x, p.perm).astype(jnp.float32)
+
+
+def _from_matrix(x, p: _LeafPlan, dtype):
+  inv = tuple(np.argsort(p.perm))
+  return jnp.transpose(x, inv).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Projection math: the reference path (one matrix; batch axes are vmapped by the caller).
+# `proj` is a dict with "left": P [m, r] and/or "right": Q [r, n] (rows of V^T, as torch).
+
+
+def project_reference(g_MxN, proj: dict, side: str):
+  """R = P^T G (left), G Q^T (right) or P^T G Q^T (full). GaLore Alg. 2, line 'R_t'."""
+  if side == "left":
+    return proj["left"].T @ g_MxN
+  if side == "right":
+    return g_MxN @ proj["right"].T
+  return proj["left"].T @ g_MxN @ proj["right"].T
+
+
+def project_back_reference(n_low, proj: dict, side: str, scale):
+  """G~ = scale * P N (left), N Q (right) or P N Q (full). GaLore Alg. 2, line 'G~_t'."""
+  if side == "left":
+    full = proj["left"] @ n_low
+  elif side == "right":
+    full = n_low @ proj["right"]
+  else:
+    full = proj["left"] @ n_low @ proj["right"]
+  return scale * full
+
+
+def _batched(fn, p: _LeafPlan):
+  """vmap a one-matrix function over the leaf's batch axes."""
+  for _ in p.batch_shape:
+    fn = jax.vmap(fn)
+  return fn
+
+
+# ---------------------------------------------------------------------------------------
+# Projectors
+
+
+def canonicalize_signs(vectors, axis: int):
+  """Flips each singular vector so its largest-magnitude entry is positive.
+
+  `axis` is the axis running along a vector (-2 for the columns of U, -1 for the rows of
+  V^T). The SVD fixes vectors only up to sign; this makes the projector (and so a run with
+  kept moments) identical across LAPACK builds, backends and devices.
+  """
+  idx = jnp.argmax(jnp.abs(vectors), axis=axis, keepdims=True)
+  sign = jnp.sign(jnp.take_along_axis(vectors, idx, axis=axis))
+  return vectors * jnp.where(sign == 0, 1.0, sign)
+
+
+def _exact_projector(g_MxN, side: str, rank: int) -> dict:
+  u, _, vh = jnp.linalg.svd(g_MxN, full_matrices=False)
+  out = {}
+  if side in ("left", "full"):
+    out["left"] = canonicalize_signs(u[:, :rank], axis=-2)
+  if side in ("right", "full"):
+    out["right"] = canonicalize_signs(vh[:rank, :], axis=-1)
+  return out
+
+
+def _range_finder(a_MxN, warm_MxR, key, rank: int, power_iters: int, oversample: int):
+  """Top-`rank` left singular vectors of A by subspace iteration warm-started from `warm`.
+
+  Halko et al. (2011), Alg. 4.4 with a Rayleigh-Ritz step: sketch [warm | Gaussian], power
+  iterations A A^T Q with re-orthonormalization, then the SVD of the small Q^T A. Returns
+  (U [m, rank], V^T [rank, n]).
+  """
+  m = a_MxN.shape[0]
+  extra = max(min(rank + oversample, m) - rank, 0)
+  sketch = warm_MxR
+  if extra:
+    sketch = jnp.concatenate([warm_MxR, jax.random.normal(key, (m, extra), jnp.float32)], -1)
+  q, _ = jnp.linalg.qr(sketch)
+  for _ in range(power_iters):
+    q, _ = jnp.linalg.qr(a_MxN @ (a_MxN.T @ q))
+  ub, _, vh = jnp.linalg.svd(q.T @ a_MxN, full_matrices=False)
+  return q @ ub[:, :rank], vh[:rank]
+
+
+def _randomized_projector(g_MxN, old: dict, key, side: str, rank: int, power_iters: int,
+                          oversample: int) -> dict:
+  out = {}
+  if side in ("left", "full"):
+    u, vh = _range_finder(g_MxN, old["left"], key, rank, power_iters, oversample)
+    out["left"] = canonicalize_signs(u, axis=-2)
+    if side == "full":
+      out["right"] = canonicalize_signs(vh, axis=-1)
+  else:
+    v, _ = _range_finder(g_MxN.T, old["right"].T, key, rank, power_iters, oversample)
+    out["right"] = canonicalize_signs(v.T, axis=-1)
+  return out
+
+
+def _initial_projector(p: _LeafPlan) -> dict:
+  """Coordinate projector (first r axes); a refresh at step 0 replaces it."""
+  out = {}
+  if p.side in ("left", "full"):
+    out["left"] = jnp.broadcast_to(jnp.eye(p.m, p.rank, dtype=jnp.float32),
+                                   (*p.batch_shape, p.m, p.rank))
+  if p.side in ("right", "full"):
+    out["right"] = jnp.broadcast_to(jnp.eye(p.rank, p.n, dtype=jnp.float32),
+                                    (*p.batch_shape, p.rank, p.n))
+  return out
+
+
+# ---------------------------------------------------------------------------------------
+# The transform
+
+
+class GaLoreState(NamedTuple):
+  """State of `scale_by_galore`. All plain arrays.
+
+  Attributes:
+    count: int32 [], steps taken (non-finite steps excluded).
+    projectors: the params' structure; per projected leaf a dict {"left": [*B, m, r]} and/or
+      {"right": [*B, r, n]} (fp32), None for full-rank leaves.
+    inner_state: the inner optimizer's state, on low-rank shapes for projected leaves.
+    low_rank_state: state of the low-rank preconditioner (Natural GaLore's history), or ().
+    svd_failures: int32 [], per-matrix refreshes whose projector came out non-finite (the old
+      one was kept).
+    skipped: int32 [], steps skipped because a gradient was non-finite.
+  """
+  count: jax.Array
+  projectors: Any
+  inner_state: Any
+  low_rank_state: Any
+  svd_failures: jax.Array
+  skipped: jax.Array
+
+
+def _is_placeholder(params) -> bool:
+  # optax.tree_map_params initializes with a leafless placeholder to find param-shaped state.
+  return not jax.tree.leaves(params)
+
+
+def _refresh_mask(count, gap, index: int, num: int, stagger: bool):
+  """Whether leaf `index` of `num` refreshes at step `count`: at 0, T, 2T, ... (shifted per
+  leaf by index * T / num when staggered; every leaf still refreshes at step 0)."""
+  if not stagger:
+    return count % gap == 0
+  offset = (index * gap) // max(num, 1)
+  return (count == 0) | ((count >= offset) & ((count - offset) % gap == 0))
+
+
+def _rotation(old: dict, new: dict, side: str):
+  """Maps low-rank coordinates in the old subspace to the new one: (R_left, R_right)."""
+  rl = rr = None
+  if side in ("left", "full"):
+    rl = jnp.swapaxes(new["left"], -1, -2) @ old["left"]       # [r, r] = P_new^T P_old
+  if side in ("right", "full"):
+    rr = old["right"] @ jnp.swapaxes(new["right"], -1, -2)     # [r, r] = Q_old Q_new^T
+  return rl, rr
+
+
+def _reproject(x, rl, rr):
+  """First-moment-like leaves map linearly; nonnegative (second-moment-like) ones by the
+  elementwise squares of the rotations, which keeps them nonnegative."""
+  def apply(y, a, b):
+    if a is not None:
+      y = a @ y
+    if b is not None:
+      y = y @ b
+    return y
+  lin = apply(x, rl, rr)
+  sq = apply(x, None if rl is None else rl * rl, None if rr is None else rr * rr)
+  return jnp.where(jnp.all(x >= 0), sq, lin)
+
+
+def _param_of_state_leaves(state, params_paths: list[tuple]) -> list[int | None]:
+  """For each leaf of `state` (flattened), the index of the param whose key path is the
+  longest contiguous run inside the state leaf's key path, or None."""
+  out = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]:
+    best, best_len = None, 0
+    for i, pp in enumerate(params_paths):
+      k = len(pp)
+      if k <= best_len or k > len(path):
+        continue
+      if any(tuple(path[s:s + k]) == pp for s in range(len(path) - k + 1)):
+        best, best_len = i, k
+    out.append(best)
+  return out
+
+
+def scale_by_galore(
+    inner: optax.GradientTransformation | None = None,
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    weight_dimension_numbers: Any = None,
+    moment_policy: str = "keep",
+    projector: str = "svd",
+    power_iters: int = 1,
+    oversample: int = 8,
+    stagger: bool = False,
+    seed: int = 0,
+    low_rank_transform: optax.GradientTransformationExtraArgs | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore direction: project, run `inner` in the low-rank space, project back (Alg. 2).
+
+  Args:
+    inner: any optax transform; it sees low-rank fp32 gradients for projected leaves and
+      fp32 full gradients for the others, and no params (weight decay belongs outside, in
+      the full space: see `galore`). Default: `scale_by_adam_torch()` (the official AdamW).
+    rank: r, per projected matrix; must be in 1..min(m, n) for every projected leaf.
+    update_proj_gap: T, steps between projector refreshes (at steps 0, T, 2T, ...).
+    scale: alpha; the back-projected update of projected leaves is multiplied by it.
+    proj_type: one of `PROJ_TYPES` (see the module docstring).
+    weight_dimension_numbers: which leaves are projected and how they are matrices: a
+      `GaLoreDimensionNumbers`, or a tree of them / bools / None (None or False: full
+      rank; True: leading axes are batch axes), or a callable params -> such a tree.
+      Default: `default_dimension_numbers` (attention and MLP kernels by path).
+    moment_policy: what a refresh does to the inner state of the refreshed leaves: "keep"
+      (official), "reset" (zeros), "reproject" (rotate it into the new subspace).
+    projector: "svd" (exact, fp32) or "randomized" (subspace iteration warm-started from
+      the previous projector: `power_iters` iterations, `oversample` extra columns).
+    power_iters, oversample: for the randomized projector.
+    stagger: refresh leaf i at steps offset_i + kT (offset_i = i T / #leaves) instead of all
+      at once, spreading the SVD cost; every leaf still refreshes at step 0.
+    seed: for the randomized projector's Gaussian sketch (folded with step and leaf).
+    low_rank_transform: applied to the projected leaves' low-rank gradients before `inner`
+      (non-projected leaves are None in its trees); it gets `refreshed` (a tree of bool
+      scalars) as an extra argument. Natural GaLore uses it.
+
+  Returns:
+    A `GradientTransformationExtraArgs` with state `GaLoreState`. A step whose gradient has a
+    non-finite entry returns zero updates and leaves the state as it was, counting the skip.
+  """
+  if proj_type not in PROJ_TYPES:
+    raise ValueError(f"galore: proj_type={proj_type!r} is not one of {PROJ_TYPES}")
+  if moment_policy not in MOMENT_POLICIES:
+    raise ValueError(f"galore: moment_policy={moment_policy!r} is not one of {MOMENT_POLICIES}")
+  if projector not in PROJECTOR_METHODS:
+    raise ValueError(f"galore: projector={projector!r} is not one of {PROJECTOR_METHODS}")
+  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
+    raise ValueError(f"galore: rank={rank!r} must be a positive Python int")
+  inner = optax.with_extra_args_support(scale_by_adam_torch() if inner is None else inner)
+  lrt = None if low_rank_transform is None else optax.with_extra_args_support(low_rank_transform)
+  plan_of = functools.partial(make_plan, rank=rank, proj_type=proj_type,
+                              weight_dimension_numbers=weight_dimension_numbers)
+
+  def low_rank_inputs(plan, updates):
+    """Gradients as the inner optimizer sees them: fp32, low-rank where projected."""
+    def one(p, g):
+      if p is None:
+        return jnp.zeros(np.shape(g), jnp.float32)
+      return jnp.zeros((*p.batch_shape, *_low_rank_shape(p)), jnp.float32)
+    return jax.tree.map(one, plan, updates, is_leaf=_is_plan_leaf)
+
+  def only_projected(plan, tree):
+    return jax.tree.map(lambda p, x: None if p is None else x, plan, tree, is_leaf=_is_plan_leaf)
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    if _is_placeholder(params):
+      # Not param-shaped: let tree_map_params replicate it (zojax.train.sharding refines it).
+      return GaLoreState(count=zero, projectors=zero, inner_state=zero, low_rank_state=zero,
+                         svd_failures=zero, skipped=zero)
+    plan = plan_of(params)
+    proxies = low_rank_inputs(plan, params)
+    projectors = jax.tree.map(lambda p: None if p is None else _initial_projector(p), plan,
+                              is_leaf=_is_plan_leaf)
+    low_rank_state = () if lrt is None else lrt.init(only_projected(plan, proxies))
+    return GaLoreState(count=zero, projectors=projectors, inner_state=inner.init(proxies),
+                       low_rank_state=low_rank_state, svd_failures=zero, skipped=zero)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    plan = plan_of(updates)
+    plans = jax.tree.leaves(plan, is_leaf=_is_plan_leaf)
+    grads = jax.tree.leaves(updates)
+    treedef = jax.tree.structure(updates)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
+    # Zeros instead of NaNs downstream, so a bad step cannot count as an SVD failure.
+    grads = [jnp.where(finite, g, jnp.zeros_like(g)) for g in grads]
+    old_proj = treedef.flatten_up_to(state.projectors)
+    count = state.count
+    projected_index = [i for i, p in enumerate(plans) if p is not None]
+
+    new_proj, low, refreshed, failures = [], [], [], jnp.zeros([], jnp.int32)
+    base_key = jax.random.fold_in(jax.random.key(seed), count)
+    for i, (p, g, old) in enumerate(zip(plans, grads, old_proj)):
+      if p is None:
+        new_proj.append(None)
+        low.append(g.astype(jnp.float32))
+        refreshed.append(jnp.zeros([], bool))
+        continue
+      g_m = _to_matrix(g, p)
+      do = _refresh_mask(count, update_proj_gap, projected_index.index(i),
+                         len(projected_index), stagger)
+
+      def refresh(g_m=g_m, old=old, p=p, i=i):
+        def one(g2, old2, key):
+          if projector == "svd":
+            cand = _exact_projector(g2, p.side, p.rank)
+          else:
+            cand = _randomized_projector(g2, old2, key, p.side, p.rank, power_iters, oversample)
+          ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in cand.values()]))
+          return jax.tree.map(lambda c, o: jnp.where(ok, c, o), cand, old2), ~ok
+        nb = math.prod(p.batch_shape)
+        keys = jax.random.split(jax.random.fold_in(base_key, i), max(nb, 1))
+        keys = keys.reshape(*p.batch_shape, *keys.shape[1:]) if p.batch_shape else keys[0]
+        proj, bad = _batched(one, p)(g_m, old, keys)
+        return proj, jnp.sum(bad.astype(jnp.int32))
+
+      proj, bad = jax.lax.cond(do, refresh, lambda old=old: (old, jnp.zeros([], jnp.int32)))
+      failures = failures + bad
+      new_proj.append(proj)
+      refreshed.append(do)
+      low.append(_batched(functools.partial(project_reference, side=p.side), p)(g_m, proj))
+
+    inner_state = state.inner_state
+    if moment_policy != "keep":
+      inner_state = _apply_moment_policy(inner_state, treedef, plans, old_proj, new_proj,
+                                         refreshed, moment_policy)
+    low_tree = treedef.unflatten(low)
+    lrt_state = state.low_rank_state
+    if lrt is not None:
+      sub, lrt_state = lrt.update(only_projected(plan, low_tree), lrt_state, None,
+                                  refreshed=only_projected(plan, treedef.unflatten(refreshed)))
+      low_tree = jax.tree.map(lambda p, x, s: x if p is None else s, plan, low_tree, sub,
+                              is_leaf=_is_plan_leaf)
+    directions, inner_state = inner.update(low_tree, inner_state, None)
+
+    out = []
+    for p, d, g, proj in zip(plans, treedef.flatten_up_to(directions), grads, new_proj):
+      if p is None:
+        out.append(d.astype(g.dtype))
+        continue
+      back = _batched(lambda n, q, p=p: project_back_reference(n, q, p.side, scale), p)(d, proj)
+      out.append(_from_matrix(back, p, g.dtype))
+
+    new_state = GaLoreState(
+        count=count + 1, projectors=treedef.unflatten(new_proj), inner_state=inner_state,
+        low_rank_state=lrt_state, svd_failures=state.svd_failures + failures,
+        skipped=state.skipped)
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)
+    new_state = keep(new_state, state)._replace(
+        skipped=state.skipped + (~finite).astype(jnp.int32))
+    out = [jnp.where(finite, u, jnp.zeros_like(u)) for u in out]
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _apply_moment_policy(inner_state, treedef, plans, old_proj, new_proj, refreshed, policy):
+  """Reset or reproject the inner state leaves that belong to refreshed projected params."""
+  params_paths = [tuple(path) for path, _ in jax.tree_util.tree_flatten_with_path(
+      treedef.unflatten([0] * treedef.num_leaves))[0]]
+  leaves, state_def = jax.tree.flatten(inner_state)
+  owners = _param_of_state_leaves(inner_state, params_paths)
+  out = []
+  for x, owner in zip(leaves, owners):
+    p = None if owner is None else plans[owner]
+    if p is None or np.shape(x) != (*p.batch_shape, *_low_rank_shape(p)):
+      out.append(x)
+      continue
+    if policy == "reset":
+      new = jnp.zeros_like(x)
+    else:
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"galore: moment_policy='reproject' needs float inner state; leaf of "
+                         f"{p.path} is {x.dtype} (e.g. 8-bit moments): use 'keep' or 'reset'")
+      def one(y, old2, new2, side=p.side):
+        return _reproject(y, *_rotation(old2, new2, side))
+      new = _batched(one, p)(x, old_proj[owner], new_proj[owner])
+      new = new.astype(x.dtype)
+    out.append(jnp.where(refreshed[owner], new, x))
+  return jax.tree.unflatten(state_def, out)
+
+
+# ---------------------------------------------------------------------------------------
+# Inner optimizer with the official eps convention, and the aliases
+
+
+def scale_by_adam_torch(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
+                        ) -> optax.GradientTransformation:
+  """Adam as galore-torch's AdamW (and Hugging Face's) computes it: eps outside the uncorrected sqrt.
+
+    u_t = sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(v_t) + eps)
+
+  which is optax's `scale_by_adam` with eps_t = eps / sqrt(1 - b2^t). State is optax's
+  `ScaleByAdamState` (fp32 moments).
+  """
+  def init_fn(params):
+    zeros = lambda p: jnp.zeros(np.shape(p), jnp.float32)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                  mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)),
+                      state.nu, updates)
+    t = count.astype(jnp.float32)
+    step = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    out = jax.tree.map(lambda m, v, g: (step * m / (jnp.sqrt(v) + eps)).astype(g.dtype),
+                       mu, nu, updates)
+    return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+GALORE_KWARGS = ("rank", "update_proj_gap", "scale", "proj_type", "weight_dimension_numbers",
+                 "moment_policy", "projector", "power_iters", "oversample", "stagger", "seed")
+
+
+def galore_kwargs(scope: dict) -> dict:
+  """`scale_by_galore`'s keyword arguments picked from a factory's `locals()`.
+
+  The factories spell every argument out (optax.inject_hyperparams reads their signatures);
+  this forwards them without repeating the list.
+  """
+  return {k: scope[k] for k in GALORE_KWARGS if k in scope}
+
+
+def galore(
+    learning_rate: optax.ScalarOrSchedule,
+    inner: optax.GradientTransformation | None = None,
+    *,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    weight_dimension_numbers: Any = None,
+    moment_policy: str = "keep",
+    projector: str = "svd",
+    power_iters: int = 1,
+    oversample: int = 8,
+    stagger: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore around `inner`, with decoupled weight decay in the full space and the learning rate.
+
+  `optax.chain(scale_by_galore(inner, ...), add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(learning_rate))`: projected leaves move by lr * scale * direction,
+  the others by lr * direction. `inner` should be scale-only (no learning rate). The other
+  arguments are `scale_by_galore`'s.
+  """
+  return optax.chain(
+      scale_by_galore(inner, **galore_kwargs(locals())),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    mask: Any = None,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    weight_dimension_numbers: Any = None,
+    moment_policy: str = "keep",
+    projector: str = "svd",
+    power_iters: int = 1,
+    oversample: int = 8,
+    stagger: bool = False,
+    seed: int = 0,
+    eps_convention: str = "torch",
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore-AdamW (Zhao et al., 2024, Alg. 2), the official `GaLoreAdamW`.
+
+  Effective learning rate: projected leaves train at `learning_rate * scale` (the paper:
+  lr 0.01, scale 0.25, T 200, rank 128/256/256/512 for 60M/130M/350M/1B); all others at
+  `learning_rate`. Defaults follow galore-torch: eps 1e-6 added outside the uncorrected
+  sqrt (`eps_convention="torch"`; "optax" puts it after bias correction), no weight decay.
+  Weight decay is decoupled and applied in the full space (optax's convention,
+  p -= lr * wd * p, on the pre-update params; torch applies it after the Adam step, a
+  difference of order lr^2 * wd). Other arguments: see `scale_by_galore`.
+
+  Example:
+    >>> tx = galore_adamw(1e-2, rank=128, update_proj_gap=200, scale=0.25)
+  """
+  if eps_convention == "torch":
+    inner = scale_by_adam_torch(b1=b1, b2=b2, eps=eps)
+  elif eps_convention == "optax":
+    inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32)
+  else:
+    raise ValueError(f"galore_adamw: eps_convention={eps_convention!r} is not 'torch' or 'optax'")
+  return galore(learning_rate, inner, weight_decay=weight_decay, mask=mask,
+                **galore_kwargs(locals()))
+
+
+def galore8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    mask: Any = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    weight_dimension_numbers: Any = None,
+    moment_policy: str = "keep",
+    projector: str = "svd",
+    power_iters: int = 1,
+    oversample: int = 8,
+    stagger: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """8-bit GaLore (the official `GaLoreAdamW8bit`): GaLore around `scale_by_adam8bit`.
+
+  Low-rank moments (and the full-rank ones of large non-projected leaves) are stored as
+  blockwise 8-bit codes; eps 1e-8 as bitsandbytes. `moment_policy="reproject"` is not
+  available (the moments are codes): use "keep" or "reset".
+  """
+  inner = scale_by_adam8bit(b1=b1, b2=b2, eps=eps, block_size=block_size,
+                            min_8bit_size=min_8bit_size)
+  return galore(learning_rate, inner, weight_decay=weight_decay, mask=mask,
+                **galore_kwargs(locals()))
