@@ -135,8 +135,7 @@ def noise_sums(key, step, params_like):
   """Draws every leaf's z once (as a ZO forward or update does) and sums it: one RNG pass."""
   skey = perturb.sample_key(key, step, 0)
   return perturb.map_groups(
-      lambda layer, like: jax.tree.map(
-          jnp.sum, perturb.group_noise(jax.random.fold_in(skey, layer), like)),
+      lambda layer, like: jax.tree.map(jnp.sum, perturb.layer_noise(skey, layer, like)),
       params_like)
 
 

@@ -40,9 +40,14 @@ def test_address_formula_is_pinned():
   # Sorted block leaf names: attn_norm (0), w_down (1), wq (2).
   expect = jax.random.normal(jax.random.fold_in(layer_key(1), 2), (8, 16), jnp.float32)
   np.testing.assert_array_equal(z["blocks"]["wq"][1], expect)
-  # Head: final_norm (0), unembed (1), under the fixed head layer id.
-  expect = jax.random.normal(jax.random.fold_in(layer_key(perturb.HEAD_LAYER), 1), (8, 32))
+  # Head: final_norm (0), unembed (1), under the fixed head layer id. A 2-D embed/head leaf
+  # is drawn slice by slice along its largest axis (here axis 1, of 32).
+  leaf_key = jax.random.fold_in(layer_key(perturb.HEAD_LAYER), 1)
+  expect = jnp.stack([jax.random.normal(jax.random.fold_in(leaf_key, r), (8,), jnp.float32)
+                      for r in range(32)], axis=1)
   np.testing.assert_array_equal(z["head"]["unembed"], expect)
+  np.testing.assert_array_equal(
+      perturb.table_rows(leaf_key, (8, 32), jnp.array([[3, 30]])), expect.T[jnp.array([[3, 30]])])
   # Raw key data addresses the same stream as the typed key.
   _equal(_noise(jax.random.key_data(key), 5, 2, params), z)
   # A default (threefry2x32) key, typed or as legacy data, is turned into a stream key once.

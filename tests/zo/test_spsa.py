@@ -248,31 +248,49 @@ def test_non_scalar_loss_is_an_error():
 
 
 def test_z_is_drawn_once_in_the_forward_and_once_in_the_update(monkeypatch):
-  """Counts draws per leaf while tracing a whole step: MeZO draws 4 times, zojax 2."""
-  calls = []
-  original = perturb.leaf_normal
+  """Counts draws while tracing a whole step: MeZO draws every leaf 4 times, zojax 2.
 
-  def counting(key, shape):
-    calls.append(tuple(shape))
-    return original(key, shape)
+  Stacked block leaves are drawn per layer inside a scan / vmap body, traced once: one traced
+  draw per leaf is one pass over that leaf's z at run time. The token table is drawn in rows
+  (`perturb.table_rows`): the forward draws only the rows a batch reads, per branch.
+  """
+  calls, rows, in_rows = [], [], []
+  original_normal, original_rows = perturb.leaf_normal, perturb.table_rows
 
-  monkeypatch.setattr(perturb, "leaf_normal", counting)
-  params, batch, model = _params(), _lm_batch(), llama.make(CFG)
+  def counting_normal(key, shape):
+    if not in_rows:  # draws of table rows are counted by counting_rows
+      calls.append(tuple(shape))
+    return original_normal(key, shape)
+
+  def counting_rows(key, shape, index):
+    rows.append(int(np.prod(jnp.shape(index))))
+    in_rows.append(True)
+    try:
+      return original_rows(key, shape, index)
+    finally:
+      in_rows.pop()
+
+  monkeypatch.setattr(perturb, "leaf_normal", counting_normal)
+  monkeypatch.setattr(perturb, "table_rows", counting_rows)
+  params, model = _params(), llama.make(CFG)
+  batch = {"tokens": _lm_batch()["tokens"], "last_index": jnp.full((8,), 7, jnp.int32),
+           "candidates": jnp.tile(jnp.array([[3, 5]], jnp.int32), (8, 1)),
+           "label": jnp.zeros((8,), jnp.int32)}
   tx = optim.zo_sgd(1e-3, weight_decay=0.1)
+  blocks = sorted(a.shape[1:] for a in jax.tree.leaves(params["blocks"]))
+  table = params["embed"]["tokens"].shape
+  norm = params["head"]["final_norm"].shape
 
-  def step(params, opt_state, batch, t):
-    _, g = zo.spsa(model, params, batch, jax.random.key(0), step=t)
-    return tx.update(g, opt_state, params)
-
-  # Stacked block leaves are drawn per layer inside a scan / lax.map body, traced once:
-  # one traced draw per leaf is one pass over that leaf's z at run time.
-  num_leaves = len(jax.tree.leaves(params))
-  jax.make_jaxpr(step)(params, tx.init(params), batch, 0)
-  assert sorted(calls) == sorted(2 * [a.shape[1:] for a in jax.tree.leaves(params["blocks"])] +
-                                 2 * [params["embed"]["tokens"].shape,
-                                      params["head"]["final_norm"].shape])
-  assert len(calls) == 2 * num_leaves
-  # Half of them in the forward (one draw per leaf serves both branches).
-  calls.clear()
+  # The forward: each block leaf once for both branches; per branch, the final norm and
+  # the table rows of the batch's 8x8 tokens and 8x2 label words.
   jax.make_jaxpr(lambda p, b: zo.spsa(model, p, b, jax.random.key(0))[1])(params, batch)
-  assert len(calls) == num_leaves
+  assert sorted(calls) == sorted(blocks + 2 * [norm])
+  assert sorted(rows) == [16, 16, 64, 64]
+  # The update: every leaf once, the table in full (all of its rows).
+  zograd = jax.eval_shape(lambda p, b: zo.spsa(model, p, b, jax.random.key(0))[1],
+                          params, batch)
+  calls.clear()
+  rows.clear()
+  jax.make_jaxpr(lambda p, s, g: tx.update(g, s, p))(params, tx.init(params), zograd)
+  assert sorted(calls) == sorted(blocks + [norm])
+  assert rows == [table[0]]

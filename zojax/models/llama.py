@@ -182,7 +182,7 @@ def embed(config: LlamaConfig, params, batch):
   tokens_BxT = batch["tokens"]
   if tokens_BxT.ndim != 2:
     raise ValueError(f"batch['tokens'] must be [batch, seq], got shape {tokens_BxT.shape}")
-  return params["embed"]["tokens"][tokens_BxT].astype(config.dtype)
+  return protocol.take(params["embed"]["tokens"], tokens_BxT).astype(config.dtype)
 
 
 def block(config: LlamaConfig, p, x_BxTxD):
@@ -205,8 +205,8 @@ def block(config: LlamaConfig, p, x_BxTxD):
 def _unembed(config: LlamaConfig, params):
   """[D, V] output projection (the transposed token table when tied)."""
   if config.tie_embeddings:
-    return params["embed"]["tokens"].T
-  return params["head"]["unembed"]
+    return protocol.dense(params["embed"]["tokens"]).T
+  return protocol.dense(params["head"]["unembed"])
 
 
 def head(config: LlamaConfig, params, x_BxTxD, batch):
@@ -226,9 +226,10 @@ def candidate_logits(config: LlamaConfig, params, h_BxTxD, batch):
   B = h_BxTxD.shape[0]
   h_BxD = h_BxTxD[jnp.arange(B), batch["last_index"]].astype(jnp.float32)
   if config.tie_embeddings:
-    w_BxCxD = params["embed"]["tokens"][batch["candidates"]]
+    w_BxCxD = protocol.take(params["embed"]["tokens"], batch["candidates"])
   else:
-    w_BxCxD = jnp.moveaxis(params["head"]["unembed"][:, batch["candidates"]], 0, -1)
+    w_BxCxD = jnp.moveaxis(protocol.take(params["head"]["unembed"], batch["candidates"], 1),
+                           0, -1)
   return jnp.einsum("bd,bcd->bc", h_BxD, w_BxCxD.astype(jnp.float32))
 
 

@@ -20,6 +20,12 @@ Addresses:
     names. This is what `jax.tree_util` does for plain dicts, but it is also fixed for
     ``OrderedDict``s and other containers that flatten in insertion order.
 
+Leaves of the non-block groups (embed, head) with two or more axes (token tables) are drawn
+one slice at a time along their largest axis (the vocabulary): slice r of leaf j is
+``normal(fold_in(leaf_key, r), slice_shape)``. So the rows a batch touches can be drawn
+without drawing the table (`table_rows`), and a ZO forward never forms a perturbed copy of
+the vocabulary table (`zojax.models.protocol.PerturbedTable`).
+
 z is always drawn in float32 and only then cast where a lower precision is needed
 (``normal(key, dtype=bfloat16)`` is a different draw from ``normal(key).astype(bfloat16)``).
 
@@ -100,13 +106,57 @@ def leaf_paths(tree: Any) -> list[tuple]:
   return sorted(paths, key=lambda p: tuple(_path_name(e) for e in p))
 
 
-def group_noise(layer_key: jax.Array, tree_like: Any) -> Any:
-  """z for every leaf of one group (a layer, embed or head), leaf j keyed fold_in(key, j)."""
+def table_axis(shape) -> int:
+  """The axis a sliced leaf is drawn along: its largest (the first of equals)."""
+  return max(range(len(shape)), key=lambda a: (shape[a], -a))
+
+
+def table_rows(leaf_key: jax.Array, shape, index: jax.Array) -> jax.Array:
+  """z of a sliced leaf at positions `index` along `table_axis(shape)`.
+
+  Returns float32 [*index.shape, *slice_shape] (the indexed axis moved to the front), equal
+  to the full draw's slices at those positions.
+  """
+  axis = table_axis(shape)
+  slice_shape = tuple(shape[:axis]) + tuple(shape[axis + 1:])
+  flat = jnp.reshape(index, (-1,)).astype(jnp.uint32)
+  z = jax.vmap(lambda r: leaf_normal(jax.random.fold_in(leaf_key, r), slice_shape))(flat)
+  return z.reshape(*jnp.shape(index), *slice_shape)
+
+
+def sliced_normal(leaf_key: jax.Array, shape) -> jax.Array:
+  """The whole z of a sliced leaf (every slice of `table_rows`, in place)."""
+  axis = table_axis(shape)
+  z = table_rows(leaf_key, shape, jnp.arange(shape[axis], dtype=jnp.uint32))
+  return jnp.moveaxis(z, 0, axis)
+
+
+def leaf_keys(layer_key: jax.Array, tree_like: Any) -> Any:
+  """fold_in(layer_key, j) for every leaf, j its position in `leaf_paths` order."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree_like)
   index = {path: j for j, path in enumerate(leaf_paths(tree_like))}
-  zs = [leaf_normal(jax.random.fold_in(layer_key, index[path]), leaf.shape)
-        for path, leaf in flat]
-  return jax.tree_util.tree_unflatten(treedef, zs)
+  return jax.tree_util.tree_unflatten(
+      treedef, [jax.random.fold_in(layer_key, index[path]) for path, _ in flat])
+
+
+def group_noise(layer_key: jax.Array, tree_like: Any, *, sliced: bool = False) -> Any:
+  """z for every leaf of one group, leaf j keyed fold_in(layer_key, j).
+
+  `sliced` draws the leaves with two or more axes slice by slice (embed/head groups; use
+  `layer_noise`, which decides from the layer id).
+  """
+  def draw(k, leaf):
+    if sliced and len(leaf.shape) >= 2:
+      return sliced_normal(k, leaf.shape)
+    return leaf_normal(k, leaf.shape)
+  return jax.tree.map(draw, leaf_keys(layer_key, tree_like), tree_like)
+
+
+def layer_noise(skey: jax.Array, layer, tree_like: Any) -> Any:
+  """z of group `layer` (a block index, possibly traced, or a fixed group id) for sample key
+  `skey` (`sample_key`)."""
+  sliced = isinstance(layer, int) and layer in (EMBED_LAYER, HEAD_LAYER)
+  return group_noise(jax.random.fold_in(skey, layer), tree_like, sliced=sliced)
 
 
 def block_noise(key, step, sample, layer, block_like: Any) -> Any:
@@ -122,8 +172,7 @@ def block_noise(key, step, sample, layer, block_like: Any) -> Any:
   Returns:
     A float32 tree shaped like `block_like`.
   """
-  layer_key = jax.random.fold_in(sample_key(key, step, sample), layer)
-  return group_noise(layer_key, block_like)
+  return layer_noise(sample_key(key, step, sample), layer, block_like)
 
 
 def is_block_tree(params: Any) -> bool:
@@ -154,8 +203,11 @@ def group_layer(name: str) -> int:
 def map_groups(fn: Callable[[Any, Any], Any], params: Any) -> Any:
   """fn(layer_id, group_like) over every group of `params`, reassembled into its tree.
 
-  Stacked blocks are visited one layer at a time (`lax.map` over l, `group_like` without
-  the layer axis), so whatever `fn` allocates is one layer's worth, never the whole stack.
+  Stacked blocks are `vmap`ped over the layer index (`group_like` without the layer axis).
+  Threefry draws are elementwise in the key, so layer l's values are bit-identical to a
+  one-layer call, and an elementwise consumer (an SGD update) fuses with the draw: measured
+  on SmolLM2-135M, the donated ZO-SGD update compiles to 0 temporary bytes, against 442 MB
+  (the whole z) with a sequential `lax.map` over layers.
   """
   if not is_block_tree(params):
     return fn(FLAT_LAYER, params)
@@ -163,8 +215,8 @@ def map_groups(fn: Callable[[Any, Any], Any], params: Any) -> Any:
   for name, sub in params.items():
     if name == "blocks":
       num_layers, one = unstacked_like(sub)
-      out[name] = jax.lax.map(lambda l, one=one: fn(l, one),
-                              jnp.arange(num_layers, dtype=jnp.int32))
+      out[name] = jax.vmap(lambda l, one=one: fn(l, one))(
+          jnp.arange(num_layers, dtype=jnp.int32))
     else:
       out[name] = fn(group_layer(name), sub)
   return out
@@ -186,8 +238,7 @@ def tree_noise(key, step, sample, params: Any) -> Any:
     A float32 tree shaped like `params`.
   """
   skey = sample_key(key, step, sample)
-  return map_groups(lambda layer, like: group_noise(jax.random.fold_in(skey, layer), like),
-                    params)
+  return map_groups(lambda layer, like: layer_noise(skey, layer, like), params)
 
 
 def perturb(w: jax.Array, z: jax.Array, scale) -> jax.Array:
@@ -207,7 +258,8 @@ def perturb_stacked(w: jax.Array, z: jax.Array, scales_S: jax.Array) -> jax.Arra
 
 __all__ = [
     "IMPL", "EMBED_LAYER", "HEAD_LAYER", "FLAT_LAYER", "key_data", "wrap_key", "sample_key",
-    "leaf_normal", "leaf_paths", "group_noise", "group_layer", "block_noise", "map_groups",
+    "leaf_normal", "leaf_paths", "leaf_keys", "group_noise", "layer_noise", "table_axis",
+    "table_rows", "sliced_normal", "group_layer", "block_noise", "map_groups",
     "tree_noise", "is_block_tree", "unstacked_like", "perturb", "perturb_tree",
     "perturb_stacked",
 ]
