@@ -8,6 +8,8 @@ weights are recoverable from the base weights plus `zo_log.json` (`zojax.zo.repl
 Variants (comma-separated in the arg):
   tiny        2-layer random model, a few steps, replay verified: plumbing check on CPU.
   adam        ZO-Adam instead of ZO-SGD.
+  n=N         n-SPSA: N perturbation directions per step (the estimate averages them).
+  demo        the README demo's MeZO half: 40 steps at lr 1e-5, 400 test sentences.
   k=N, kshot_seed=S, steps=T, lr=X   as in MeZO's grid (its full-parameter OPT runs use
               lr in {1e-6, 1e-7}, eps 1e-3, batch 16, 20k-100k steps).
 """
@@ -16,7 +18,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, tiny=False, adam=False, k=16, kshot_seed=0, steps=1000, lr=1e-6)
+  arg = common.parse_arg(arg, tiny=False, adam=False, demo=False, n=1, k=16, kshot_seed=0, steps=1000, lr=1e-6)
   c = common.base_config()
   c.task = common.sentiment_task()
   c.task.k = arg.k
@@ -24,11 +26,19 @@ def get_config(arg=None):
   c.optim.name = "zo_adam" if arg.adam else "zo_sgd"
   c.optim.learning_rate = arg.lr
   c.zo.eps = 1e-3
+  c.zo.num_samples = arg.n
   c.train.steps = arg.steps
   c.train.batch_size = 16
   c.train.eval_every = 250
   c.train.checkpoint_every = 250
   c.train.log_every = 10
+  if arg.demo:
+    c.optim.learning_rate = 1e-5
+    c.train.steps = 40
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 20
+    c.task.eval_limit = 400        # the AdamW demo's 400-sentence test subset
+    c.task.eval_splits = ("test",)
   if arg.tiny:
     c.model.name, c.model.init, c.model.vocab_size = "tiny", "random", 49152
     c.optim.learning_rate = 1e-2 if not arg.adam else 1e-3

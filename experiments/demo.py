@@ -1,11 +1,17 @@
-"""The README demo: SmolLM2-135M zero-shot on Rotten Tomatoes, then a short AdamW fine-tune.
+"""The README demo: MeZO against AdamW, fine-tuning SmolLM2-135M on Rotten Tomatoes.
 
   python experiments/demo.py --workdir runs/demo
 
-MeZO's k-shot protocol with k=16 per class (32 training sentences), 24 AdamW steps at
-batch 8, test accuracy on a fixed 400-sentence subset of the 1000-sentence test split.
-About 10 minutes on 2 CPU cores. Writes the run directory (metrics.jsonl, results.json,
-curves.png, checkpoints) and prints a results table and a final JSON line.
+MeZO's k-shot protocol with k=16 per class (32 training sentences); test accuracy on a fixed
+400-sentence subset of the 1000-sentence test split. Runs, one after the other:
+  1. AdamW (`configs/sentiment_adamw.py:demo`): zero-shot evaluation, 24 steps at batch 8;
+  2. MeZO, zeroth-order SGD (`configs/sentiment_zo.py:demo`): 40 steps at batch 16, each two
+     forward passes and no backward, the run's weights recoverable from the base weights plus
+     a seed log of a few KB.
+Then prints accuracy, peak step memory (`compiled.memory_analysis()`) and step time for both,
+and writes runs/demo/demo.png. About 10 minutes on 2 CPU cores. MeZO needs far more steps
+than AdamW to match it (the paper runs 100k); the demo shows the memory side of the trade
+at a glance and the start of the accuracy side; experiments/zo_sentiment.py goes further.
 """
 
 import argparse
@@ -16,37 +22,71 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
 from zojax.train import config as config_lib  # noqa: E402
 from zojax.train import loop  # noqa: E402
+
+
+def train(config_path: str, workdir: pathlib.Path, overrides: list[str]) -> dict:
+  config = config_lib.load(config_path)
+  config_lib.override(config, overrides)
+  return loop.train(config, workdir)
+
+
+def plot(rows, path: pathlib.Path):
+  fig, (acc, mem) = plt.subplots(1, 2, figsize=(8, 3.2))
+  names = [name for name, _, _ in rows]
+  acc.bar(names, [r["test/accuracy"] for _, r, _ in rows], color=["#999", "#4c72b0", "#c44e52"])
+  acc.axhline(0.5, ls="--", c="k", lw=0.8)
+  acc.set_ylim(0.4, 1.0)
+  acc.set_ylabel("test accuracy (400 sentences)")
+  trained = [(name, gib) for name, _, gib in rows if gib is not None]
+  mem.bar([n for n, _ in trained], [g for _, g in trained], color=["#4c72b0", "#c44e52"])
+  mem.set_ylabel("peak step memory (GiB)")
+  for ax in (acc, mem):
+    ax.tick_params(axis="x", labelsize=8)
+  fig.suptitle("SmolLM2-135M, Rotten Tomatoes, k=16 per class")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/demo")
-  parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  workdir = pathlib.Path(args.workdir)
 
-  config = config_lib.load("configs/sentiment_adamw.py:demo")
-  config_lib.override(config, args.overrides)
-  results = loop.train(config, args.workdir)
+  adamw = train("configs/sentiment_adamw.py:demo", workdir / "adamw", [])
+  mezo = train("configs/sentiment_zo.py:demo", workdir / "mezo", ["train.eval_at_start=False"])
 
-  before, after = results["initial_eval"], results["final_eval"]
-  mem = results["step_memory"].get("peak_bytes", 0) / 2**30
-  n_test = results["task"]["sizes"]["test"]
-  rows = [("SmolLM2-135M zero-shot", before), (f"+ AdamW, {results['steps']} steps, k=16", after)]
+  gib = lambda r: r["step_memory"]["peak_bytes"] / 2**30
+  rows = [("zero-shot", adamw["initial_eval"], None),
+          (f"AdamW, {adamw['steps']} steps", adamw["final_eval"], gib(adamw)),
+          (f"MeZO, {mezo['steps']} steps", mezo["final_eval"], gib(mezo))]
+  seconds = {"AdamW": adamw["seconds_per_step"], "MeZO": mezo["seconds_per_step"]}
   print(f"\nRotten Tomatoes, prompt '<sentence> It was' -> ' terrible' / ' great', "
-        f"{n_test} test sentences")
-  print(f"{'':34s} {'test acc':>9s} {'test loss':>10s}")
-  for name, r in rows:
-    print(f"{name:34s} {r['test/accuracy']:9.3f} {r['test/loss']:10.4f}")
-  print(f"AdamW step: {results['seconds_per_step']:.2f} s on {results['devices']}, "
-        f"peak step memory {mem:.2f} GiB (compiled.memory_analysis)")
-  print(f"curves: {pathlib.Path(args.workdir) / 'curves.png'}")
-  print(json.dumps({"zero_shot_test_accuracy": before["test/accuracy"],
-                    "finetuned_test_accuracy": after["test/accuracy"],
-                    "steps": results["steps"], "peak_step_gib": round(mem, 3)}))
+        f"{adamw['task']['sizes']['test']} test sentences, k=16 per class")
+  print(f"{'':22s} {'test acc':>9s} {'test loss':>10s} {'peak step GiB':>14s} {'s/step':>7s}")
+  for (name, r, g), s in zip(rows, (None, seconds["AdamW"], seconds["MeZO"])):
+    print(f"{name:22s} {r['test/accuracy']:9.3f} {r['test/loss']:10.4f} "
+          f"{'' if g is None else f'{g:.2f}':>14s} {'' if s is None else f'{s:.2f}':>7s}")
+  print(f"AdamW's step holds {gib(adamw) / gib(mezo):.1f}x MeZO's peak memory "
+        f"(compiled.memory_analysis, {adamw['devices']}).")
+  plot(rows, workdir / "demo.png")
+  print(f"plot: {workdir / 'demo.png'}")
+  print(json.dumps({
+      "zero_shot_test_accuracy": adamw["initial_eval"]["test/accuracy"],
+      "adamw_test_accuracy": adamw["final_eval"]["test/accuracy"],
+      "mezo_test_accuracy": mezo["final_eval"]["test/accuracy"],
+      "adamw_peak_step_gib": round(gib(adamw), 3), "mezo_peak_step_gib": round(gib(mezo), 3),
+      "adamw_seconds_per_step": seconds["AdamW"], "mezo_seconds_per_step": seconds["MeZO"]}))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,12 @@ def make_zo_step(model_cfg: llama.LlamaConfig, tx, zo_cfg, state, state_sh, exam
                   jax.eval_shape(estimate, state.params, example_batch, state.rng,
                                  state.step)[1]).compile())
   step_memory = memory.step_memory(compiled)
+  step_memory["estimate_peak_bytes"] = step_memory.get("peak_bytes")
   step_memory["update_peak_bytes"] = update_memory.get("peak_bytes")
+  if None not in (step_memory["estimate_peak_bytes"], step_memory["update_peak_bytes"]):
+    # The two run one after the other: the step's peak is the larger.
+    step_memory["peak_bytes"] = max(step_memory["estimate_peak_bytes"],
+                                    step_memory["update_peak_bytes"])
   return ZOStep(compiled, apply), step_memory
 
 
