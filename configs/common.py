@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 0           # 0: the model's own
   c.model.dtype = "float32"        # compute dtype
   c.model.remat = False            # recompute block activations in the backward pass
+  c.model.attention = "xla"        # xla (naive) | blockwise (O(N) memory) | pallas | auto
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"

@@ -111,6 +111,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be 'pretrained' or 'random'")
   _require(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
            "must be 'float32' or 'bfloat16'")
+  _require(config.model.attention in ("auto", "pallas", "blockwise", "xla"), "model.attention",
+           config.model.attention, "must be one of auto, pallas, blockwise, xla")
 
 
 def _validate_galore(o) -> None:

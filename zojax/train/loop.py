@@ -50,7 +50,7 @@ class TrainState(NamedTuple):
 
 
 def model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
-  overrides = {"dtype": config.model.dtype}
+  overrides = {"dtype": config.model.dtype, "attention": config.model.attention}
   if config.model.get("vocab_size"):
     overrides["vocab_size"] = config.model.vocab_size
   return llama.get_config(config.model.name, **overrides)
