@@ -135,6 +135,31 @@ def test_in_scan_forward_equals_explicitly_perturbed_params():
   np.testing.assert_array_equal(params["blocks"]["wq"], _params()["blocks"]["wq"])
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_lazy_token_table_equals_the_perturbed_table(tied):
+  """Classification reads only some table rows (tokens, label words) through PerturbedTable;
+  the losses equal the dense forward on the explicitly perturbed tree, tied or untied
+  (the untied [D, V] head table is sliced along its vocabulary axis, axis 1)."""
+  cfg = dataclasses.replace(CFG, tie_embeddings=tied)
+  params = llama.init(cfg, jax.random.key(2))
+  rng = np.random.default_rng(3)
+  batch = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 8)), jnp.int32),
+           "last_index": jnp.array([7, 5, 6, 7], jnp.int32),
+           "candidates": jnp.tile(jnp.array([[11, 200]], jnp.int32), (4, 1)),
+           "label": jnp.array([0, 1, 1, 0], jnp.int32)}
+  lazy = jax.jit(lambda p, b: zo.perturbed_forward(
+      llama.make(cfg), p, b, KEY, step=STEP, sample=0, scales=jnp.array([EPS, -EPS]))[0])
+
+  @jax.jit
+  def explicit(p, b):
+    z = zo.tree_noise(KEY, STEP, 0, p)
+    return jnp.stack([llama.loss_fn(cfg, zo.perturb_tree(p, z, s), b)[0] for s in (EPS, -EPS)])
+
+  got, want = np.asarray(lazy(params, batch)), np.asarray(explicit(params, batch))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert abs(got[0] - got[1]) > 1e-4
+
+
 def test_spsa_coefficient_is_the_central_difference():
   params, batch = _params(), _lm_batch()
   loss, g = _spsa_llama(params, batch)
