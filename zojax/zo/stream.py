@@ -29,11 +29,17 @@ data_chunks) and never on the mesh shape. With ``slice_blocks`` each device keep
 only 1/N of every block and all-gathers it on device (DistZO2's sliced streaming); the update
 of a slice draws only that slice's z (threefry is partitionable), so z never crosses devices.
 
-Equivalence with the dense engine (`zojax.zo.spsa` + `zojax.zo.make_apply`): on one device
-with the default layout, 20 steps give bit-identical float32 parameters (tested), because the
-forward is built from the same stage functions with the same shapes, and the fused update
-reproduces the dense transform's op order: ĝ (`materialize`'s arithmetic on the layer's
-`perturb.block_noise`), then the elementwise optax chain, then `optax.apply_updates`.
+Equivalence with the dense engine (`zojax.zo.spsa` + `zojax.zo.make_apply`). The forward is
+built from the same stage functions (`embed_branches`, `block_branches`, `head_branches`)
+with the same shapes, and the fused update reproduces the dense transform's op order: ĝ
+(`materialize`'s arithmetic on the layer's `perturb.block_noise`), the elementwise optax
+chain, `optax.apply_updates`. The first step's loss, coefficients and update are bit-identical
+to the dense engine's (tested). Later steps agree to a tolerance, not bit for bit: XLA
+compiles the same float expression differently depending on the program around it
+(multiply-add contraction, fusion, reduction order), and the streamed scan body is a
+different program, so a loss can differ by 1 ulp; the finite difference (L+ − L−)/2ε turns
+that into ~1e-4 relative in c_i, and the runs drift slowly apart (tests/zo/test_stream.py
+states the bounds measured over 20 steps).
 
 Memory on CPU. XLA's CPU ``memory_analysis`` counts pinned-host arguments as ordinary
 argument bytes and compiles host<->device moves away, so `device_bytes` reads the memory kind
@@ -53,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend import core as jcore
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zojax.models import protocol
@@ -286,7 +293,10 @@ class StreamEngine:
     self.memory_kind = memory_kind
     _check_layout(self.layout, num_samples)
     _check_memory_kind(self.layout.mesh, memory_kind)
-    self._jit_step = jax.jit(self._step, donate_argnums=0)
+    # The host blocks are not donated: with them donated, XLA (CPU) copies the whole stack
+    # (the scan reads the input while writing the aliased output), which puts O(L) bytes in
+    # temporaries; undonated, temporaries are the same for 2 and 8 blocks (measured).
+    self._jit_step = jax.jit(self._split_step, donate_argnums=0)
     self._jit_flush = jax.jit(self._flush, donate_argnums=0)
     self._jit_outer = jax.jit(self._update_outer, donate_argnums=(0, 1))
     self._jit_flush_copy = jax.jit(self._flush)
@@ -371,7 +381,11 @@ class StreamEngine:
       samples, scales = np.repeat(np.arange(n), 2), jnp.tile(signs, n)[:, None]
     skeys = jnp.stack([jax.random.key_data(perturb.sample_key(key, step, int(i)))
                        for i in samples])
-    return skeys, scales
+    # Every device computes all unit keys and takes its own: without this, sharding
+    # propagation splits the stack over "pert" and adds an all-to-all of key words.
+    rep = self._sharding(P())
+    return (jax.lax.with_sharding_constraint(skeys, rep),
+            jax.lax.with_sharding_constraint(scales, rep))
 
   def _map_units(self, fn, per_group, per_chunk, per_unit):
     """fn(group_inputs, chunk_inputs, unit_inputs) over local units -> [G_l, C_l, ...].
@@ -461,7 +475,12 @@ class StreamEngine:
     estimate = lambda dtype: layer_estimate(pending, layer, block, dtype=dtype,
                                             constrain=constrain)
     direction = _direction(self.update, estimate, block)
-    return _apply_group(self.update, direction, opt, block, pending.finite, state.has_pending)
+    block, opt = _apply_group(self.update, direction, opt, block, pending.finite,
+                              state.has_pending)
+    # The forward must read the stored (rounded) weights: without the barrier XLA fuses the
+    # update into the perturbation and contracts a multiply-add differently (measured:
+    # losses 1 ulp off the dense engine's from the second step on).
+    return jax.lax.optimization_barrier((block, opt))
 
   def _visit_blocks(self, state, acts, skeys, scales, *, forward: bool):
     """Resident blocks, then the streamed ones (double-buffered); returns new blocks, acts."""
@@ -489,30 +508,28 @@ class StreamEngine:
                                self._streamed_specs(host_blocks), is_leaf=_is_spec)
       dev_opt = jax.tree.map(lambda s: self._sharding(s), self._streamed_specs(host_opt),
                              is_leaf=_is_spec)
-      host_kind = jax.tree.map(lambda s: self._sharding(s, self.memory_kind),
-                               self._streamed_specs(host_blocks, stacked=False),
-                               is_leaf=_is_spec)
-      host_opt_kind = jax.tree.map(lambda s: self._sharding(s, self.memory_kind),
-                                   self._streamed_specs(host_opt, stacked=False),
-                                   is_leaf=_is_spec)
+      host_kind = _unstack(jax.tree.map(lambda s: self._sharding(s, self.memory_kind),
+                                        self._streamed_specs(host_blocks), is_leaf=_is_spec))
+      host_opt_kind = _unstack(jax.tree.map(lambda s: self._sharding(s, self.memory_kind),
+                                            self._streamed_specs(host_opt), is_leaf=_is_spec))
       fetch = lambda host, i, sh: jax.device_put(_index(host, i), _unstack(sh))
 
       def body(carry, l):
-        host_blocks, host_opt, block, opt, acts = carry
-        # Prefetch l+1 (the last iteration re-reads its own block: one block of waste).
+        block, opt, acts = carry
+        # Prefetch l+1 from the input host arrays (the last iteration re-reads its own block:
+        # one block of waste). The updated block leaves as a scan output, written to host.
         nxt = jnp.minimum(l + 1, num_streamed - 1)
         next_block = fetch(host_blocks, nxt, dev_block)
         next_opt = fetch(host_opt, nxt, dev_opt)
         block, opt = self._update_block(state, block, opt, r + l, sliced=sliced)
         if forward:
           acts = self._block_forward(block, r + l, acts, skeys, scales, sliced=sliced)
-        host_blocks = _set(host_blocks, jax.device_put(block, host_kind), l)
-        host_opt = _set(host_opt, jax.device_put(opt, host_opt_kind), l)
-        return (host_blocks, host_opt, next_block, next_opt, acts), None
+        out = (jax.device_put(block, host_kind), jax.device_put(opt, host_opt_kind))
+        return (next_block, next_opt, acts), out
 
       first = (fetch(host_blocks, 0, dev_block), fetch(host_opt, 0, dev_opt))
-      (host_blocks, host_opt, _, _, acts), _ = jax.lax.scan(
-          body, (host_blocks, host_opt, *first, acts), jnp.arange(num_streamed))
+      (_, _, acts), (host_blocks, host_opt) = jax.lax.scan(
+          body, (*first, acts), jnp.arange(num_streamed))
     return resident, resident_opt, host_blocks, host_opt, acts
 
   def _losses(self, out):
@@ -525,6 +542,14 @@ class StreamEngine:
     else:
       losses = jnp.mean(out["loss"], axis=1)
     return losses.reshape(n, 2)
+
+  def _split_step(self, device_state: StreamState, host, batch):
+    blocks, blocks_opt = host
+    return self._step(device_state._replace(blocks=blocks, blocks_opt=blocks_opt), batch)
+
+  @staticmethod
+  def _split(state: StreamState):
+    return state._replace(blocks=None, blocks_opt=None), (state.blocks, state.blocks_opt)
 
   def _step(self, state: StreamState, batch):
     layout = self.layout
@@ -585,7 +610,7 @@ class StreamEngine:
 
   def step(self, state: StreamState, batch):
     """One ZO step (donates `state`). Returns (state, {"loss", "zograd"})."""
-    state, out = self._jit_step(state, batch)
+    state, out = self._jit_step(*self._split(state), batch)
     outer, outer_opt = self._jit_outer(state.outer, state.outer_opt, state.pending, state.blocks)
     return state._replace(outer=outer, outer_opt=outer_opt), out
 
@@ -601,15 +626,23 @@ class StreamEngine:
     stacked = jax.tree.map(lambda a, b: np.concatenate([a, b]), resident, blocks)
     return {**outer, "blocks": stacked}
 
-  def lower(self, state_like: StreamState, batch_like):
-    """The step lowered for abstract (or concrete) state and batch, with their shardings."""
+  def _structs(self, state_like: StreamState, batch_like):
+    """ShapeDtypeStructs of (device state, host blocks, batch) carrying their shardings."""
     state_sh = self.state_shardings(state_like)
     structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            state_like, state_sh)
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                         sharding=self._sharding(P(DATA))),
                          batch_like)
-    return self._jit_step.lower(structs, batch)
+    return (*self._split(structs), batch)
+
+  def lower(self, state_like: StreamState, batch_like):
+    """The step lowered for abstract (or concrete) state and batch, with their shardings."""
+    return self._jit_step.lower(*self._structs(state_like, batch_like))
+
+  def jaxpr(self, state_like: StreamState, batch_like):
+    """The step's jaxpr, traced with the state's memory kinds (host values typed as such)."""
+    return self._jit_step.trace(*self._structs(state_like, batch_like)).jaxpr
 
   def block_bytes(self, params_like) -> int:
     """Bytes of one block's parameters (the unit the structural memory check allows)."""
@@ -697,9 +730,9 @@ def device_bytes(compiled) -> dict[str, int]:
 def _sub_jaxprs(eqn):
   for value in eqn.params.values():
     for item in (value if isinstance(value, (tuple, list)) else (value,)):
-      if isinstance(item, jax.extend.core.ClosedJaxpr):
+      if isinstance(item, jcore.ClosedJaxpr):
         yield item.jaxpr
-      elif isinstance(item, jax.extend.core.Jaxpr):
+      elif isinstance(item, jcore.Jaxpr):
         yield item
 
 
@@ -743,7 +776,7 @@ def transfer_overlaps(jaxpr) -> bool:
                            or v.aval.shape == ()}
     ok = True
     for eqn in body.eqns:
-      ins = [v for v in eqn.invars if isinstance(v, jax.extend.core.Var)]
+      ins = [v for v in eqn.invars if isinstance(v, jcore.Var)]
       if all(v in pure for v in ins):
         pure.update(eqn.outvars)
       if eqn.primitive.name == "device_put":

@@ -1,0 +1,198 @@
+"""ZO2 streaming: bit-exact with the dense engine, never stale, O(1) device memory in depth."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zojax import zo
+from zojax.models import llama
+from zojax.zo import stream
+
+CFG = llama.CONFIGS["tiny"]
+STEPS, BAD_STEP, KEY = 20, 7, jax.random.key(5)
+
+
+def _batch(t):
+  rng = np.random.default_rng(t)
+  tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (8, 8)), jnp.int32)
+  weights = np.ones((8, 8), np.float32)
+  if t == BAD_STEP:
+    weights[0, 0] = np.nan  # a non-finite loss: both engines must skip the step
+  return {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "weights": jnp.asarray(weights)}
+
+
+def _update():
+  return stream.layerwise_sgd(1e-3, momentum=0.9, weight_decay=0.01)
+
+
+@pytest.fixture(scope="module")
+def runs():
+  """20 steps of the dense engine and of the streamed one (1 of the 2 blocks resident)."""
+  model, params0, update = llama.make(CFG), llama.init(CFG, jax.random.key(0)), _update()
+  estimate = jax.jit(lambda p, b, t: zo.spsa(model, p, b, KEY, step=t, eps=1e-3))
+  apply = zo.make_apply(update.dense)
+  params, opt_state = params0, update.dense.init(params0)
+  dense = {"loss": [], "coeffs": [], "params": []}
+  for t in range(STEPS):
+    loss, g = estimate(params, _batch(t), t)
+    params, opt_state = apply(params, opt_state, g)
+    dense["loss"].append(float(loss))
+    dense["coeffs"].append(float(g.coeffs[0]))
+    dense["params"].append(params)
+
+  engine = stream.StreamEngine(model, update, eps=1e-3, resident_blocks=1)
+  state = engine.init(params0, KEY)
+  streamed = {"loss": [], "coeffs": []}
+  for t in range(STEPS):
+    state, out = engine.step(state, _batch(t))
+    streamed["loss"].append(float(out["loss"]))
+    streamed["coeffs"].append(float(out["zograd"].coeffs[0]))
+    if t == 0:
+      streamed["params_1"] = engine.params(state)
+  return dense, opt_state, engine, state, streamed, params0
+
+
+def _assert_bit_equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+    assert x.tobytes() == y.tobytes(), (jax.tree_util.keystr(path), np.abs(x - y).max())
+
+
+def test_first_step_and_fused_update_bit_exact(runs):
+  dense, _, _, _, streamed, _ = runs
+  assert streamed["loss"][0] == dense["loss"][0]
+  assert streamed["coeffs"][0] == dense["coeffs"][0]
+  # The fused update (in the scan, from the perturbation stream) and the embed/head update
+  # reproduce the dense transform bit for bit.
+  _assert_bit_equal(dense["params"][0], streamed["params_1"])
+
+
+def test_twenty_steps_match_dense_within_tolerance(runs):
+  # Not bit-exact after step 1, and why: XLA compiles the same float expression differently
+  # depending on the program around it (multiply-add contraction into FMA, fusion, reduction
+  # order), and the streamed step's scan body (transfers, fused update, forward) is a
+  # different program from the dense step. Losses then differ by ~1 ulp, which the finite
+  # difference (L+ - L-) / 2eps turns into ~1e-4 relative in c, and the runs drift apart
+  # slowly. Measured over these 20 steps: see the bounds below (~10x margin).
+  dense, dense_opt, engine, state, streamed, params0 = runs
+  assert np.isnan(streamed["loss"][BAD_STEP]) and np.isnan(dense["loss"][BAD_STEP])
+  assert int(state.skipped) == 1
+  good = [t for t in range(STEPS) if t != BAD_STEP]
+  np.testing.assert_allclose([streamed["loss"][t] for t in good],
+                             [dense["loss"][t] for t in good], rtol=2e-4)
+  np.testing.assert_allclose([streamed["coeffs"][t] for t in good],
+                             [dense["coeffs"][t] for t in good], rtol=0.05, atol=0.05)
+  final, got = dense["params"][-1], engine.params(state)
+  for (path, d), s, p0 in zip(jax.tree_util.tree_flatten_with_path(final)[0],
+                              jax.tree.leaves(got), jax.tree.leaves(params0)):
+    moved = np.linalg.norm(np.asarray(d) - np.asarray(p0))
+    assert moved > 0, jax.tree_util.keystr(path)
+    assert np.linalg.norm(np.asarray(d) - s) <= 0.05 * moved, jax.tree_util.keystr(path)
+  # The momentum buffers (host-resident for streamed blocks) agree as closely.
+  # Dense chain: (materialize, decay, trace, lr); layer-wise post: (decay, trace, lr).
+  dense_trace = np.asarray(dense_opt.inner_state[2].trace["blocks"]["wq"])
+  flushed = engine.flush(jax.tree.map(jnp.copy, state))
+  trace = np.concatenate([jax.device_get(flushed.resident_opt[1].trace["wq"]),
+                          jax.device_get(flushed.blocks_opt[1].trace["wq"])])
+  np.testing.assert_allclose(trace, dense_trace, atol=0.05 * np.abs(dense_trace).max())
+
+
+def test_flush_makes_weights_current_and_is_idempotent(runs):
+  *_, engine, state, _, _ = runs
+  assert bool(state.has_pending)
+  # Before flush the host blocks are one update behind; params() and flush() apply it.
+  stale = np.asarray(jax.device_get(state.blocks["wq"]))
+  current = engine.params(state)["blocks"]["wq"][1:]
+  assert not np.array_equal(stale, current)
+  flushed = engine.flush(jax.tree.map(jnp.copy, state))
+  assert not bool(flushed.has_pending)
+  np.testing.assert_array_equal(jax.device_get(flushed.blocks["wq"]), current)
+  _assert_bit_equal(engine.params(flushed), engine.params(state))
+  twice = engine.flush(jax.tree.map(jnp.copy, flushed))
+  _assert_bit_equal(jax.device_get(twice.blocks), jax.device_get(flushed.blocks))
+
+
+def test_placement(runs):
+  *_, engine, state, _, _ = runs
+  for leaf in jax.tree.leaves((state.blocks, state.blocks_opt)):
+    assert leaf.sharding.memory_kind == "pinned_host"
+  for leaf in jax.tree.leaves((state.outer, state.resident, state.resident_opt)):
+    assert leaf.sharding.memory_kind == "device"
+  assert state.blocks["wq"].shape[0] == CFG.num_layers - 1
+  assert state.resident["wq"].shape[0] == 1
+
+
+def _lowering(num_layers):
+  cfg = dataclasses.replace(CFG, num_layers=num_layers)
+  engine = stream.StreamEngine(llama.make(cfg), _update(), eps=1e-3)
+  params = llama.param_shapes(cfg)
+  state = engine.abstract_state(params, KEY)
+  batch = jax.eval_shape(lambda: _batch(0))
+  return cfg, engine, params, state, batch
+
+
+def test_device_bytes_constant_in_depth():
+  out = {}
+  for num_layers in (2, 8):
+    cfg, engine, params, state, batch = _lowering(num_layers)
+    out[num_layers] = stream.device_bytes(engine.lower(state, batch).compile())
+  block = engine.block_bytes(params)
+  small, big = out[2], out[8]
+  assert abs(big["device_bytes"] - small["device_bytes"]) <= 0.05 * small["device_bytes"], out
+  # Host memory holds the streamed blocks (params + momentum, in and out): it grows by 6
+  # blocks x 4 copies from L=2 to L=8.
+  assert big["host_bytes"] - small["host_bytes"] == 6 * block * 4, out
+
+
+def test_no_device_value_larger_than_a_block():
+  cfg, engine, params, state, batch = _lowering(8)
+  block = engine.block_bytes(params)
+  outer = max(np.prod(a.shape) * 4 for k, v in params.items() if k != "blocks"
+              for a in jax.tree.leaves(v))
+  bound = max(block, 2 * outer)  # a block, or an embed/head leaf for both branches
+  jaxpr = engine.jaxpr(state, batch)
+  biggest = max(stream.device_values(jaxpr))
+  assert biggest[0] <= bound, biggest
+  # The check can fail: the dense engine keeps all 8 stacked blocks on device.
+  dense = jax.make_jaxpr(lambda p, b: zo.spsa(llama.make(cfg), p, b, KEY, eps=1e-3))(
+      params, batch)
+  worst = max(stream.device_values(dense))
+  assert worst[0] > bound and "[8," in worst[1], worst  # a stacked [L, ...] leaf
+
+
+def test_prefetch_does_not_wait_for_the_block_compute():
+  _, engine, _, state, batch = _lowering(2)
+  assert stream.transfer_overlaps(engine.jaxpr(state, batch))
+  # A control: a copy that needs the previous iteration's result cannot overlap it.
+  host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+  dev = host.with_memory_kind("device")
+  xs = jax.device_put(jnp.ones((4, 3)), host)
+
+  def serial(xs):
+    def body(c, i):
+      x = jax.device_put(jax.lax.dynamic_index_in_dim(xs, i, 0, False) , dev)
+      return c * x + jax.device_put(jax.device_put(c, host), dev), None
+    return jax.lax.scan(body, jnp.ones(3), jnp.arange(4))[0]
+  assert not stream.transfer_overlaps(jax.make_jaxpr(serial)(xs))
+
+
+def test_bad_input():
+  model = llama.make(CFG)
+  with pytest.raises(ValueError, match="memory_kind='device' is not a host memory kind"):
+    stream.StreamEngine(model, _update(), memory_kind="device")
+  with pytest.raises(ValueError, match="update must be a LayerwiseZO"):
+    stream.StreamEngine(model, zo_sgd_dense())
+  engine = stream.StreamEngine(model, _update(), resident_blocks=3)
+  with pytest.raises(ValueError, match="resident_blocks=3 is more than the model's 2 blocks"):
+    engine.abstract_state(llama.param_shapes(CFG), KEY)
+  with pytest.raises(ValueError, match="mask must be None or a callable"):
+    stream.layerwise_sgd(1e-2, mask={"blocks": True})
+
+
+def zo_sgd_dense():
+  from zojax import optim
+  return optim.zo_sgd(1e-2)
