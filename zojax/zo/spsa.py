@@ -292,11 +292,40 @@ def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e
   return loss, ZOGrad(key=kdata, step=step, coeffs=coeffs.astype(jnp.float32), finite=finite)
 
 
+def group_estimate(zograd: ZOGrad, layer, like, *, dtype=None, constrain=None):
+  """ĝ for one group: (1/n) Σ_i c_i z_i over `layer`'s leaves (a block index or group id).
+
+  Args:
+    zograd: the estimate.
+    layer: a block index (may be traced) or a fixed group id (`perturb.EMBED_LAYER`, ...).
+    like: that group's parameters (arrays or ShapeDtypeStructs; for a block, no layer axis).
+    dtype: output dtype; None gives each leaf its parameter's dtype.
+    constrain: optional fn applied to each z tree (e.g. a sharding constraint, so that a
+      sliced layer draws only its own slice).
+
+  Returns:
+    A tree shaped like `like`.
+  """
+  num_samples = zograd.coeffs.shape[0]
+  constrain = constrain or (lambda t: t)
+
+  def term(i):
+    skey = perturb.sample_key(zograd.key, zograd.step, i)
+    z = constrain(perturb.layer_noise(skey, layer, like))
+    return jax.tree.map(lambda zz: zograd.coeffs[i] * zz, z)
+
+  total = term(0)
+  if num_samples > 1:
+    add = lambda i, acc: jax.tree.map(jnp.add, acc, term(i))
+    total = jax.lax.fori_loop(1, num_samples, add, total)
+  return jax.tree.map(lambda g, p: (g / num_samples).astype(dtype or p.dtype), total, like)
+
+
 def materialize(zograd: ZOGrad, params_like, *, dtype=None):
   """The dense estimate ĝ = (1/n) Σ_i c_i z_i, regenerating each z_i once.
 
-  Built one group (layer, embed, head) at a time, summing over samples in a float32
-  accumulator, so temporaries are one layer's worth whatever n is.
+  Built one group (layer, embed, head) at a time (`group_estimate`), summing over samples
+  in a float32 accumulator, so temporaries are one layer's worth whatever n is.
 
   Args:
     zograd: the estimate.
@@ -306,18 +335,5 @@ def materialize(zograd: ZOGrad, params_like, *, dtype=None):
   Returns:
     A tree shaped like `params_like`.
   """
-  num_samples = zograd.coeffs.shape[0]
-
-  def group(layer, like):
-    def term(i):
-      skey = perturb.sample_key(zograd.key, zograd.step, i)
-      z = perturb.layer_noise(skey, layer, like)
-      return jax.tree.map(lambda zz: zograd.coeffs[i] * zz, z)
-
-    total = term(0)
-    if num_samples > 1:
-      add = lambda i, acc: jax.tree.map(jnp.add, acc, term(i))
-      total = jax.lax.fori_loop(1, num_samples, add, total)
-    return jax.tree.map(lambda g, p: (g / num_samples).astype(dtype or p.dtype), total, like)
-
-  return perturb.map_groups(group, params_like)
+  return perturb.map_groups(
+      lambda layer, like: group_estimate(zograd, layer, like, dtype=dtype), params_like)

@@ -66,8 +66,8 @@ from zojax.models import protocol
 from zojax.optim.masks import decay_mask
 from zojax.optim import zo as zo_optim
 from zojax.zo import perturb
-from zojax.zo.spsa import (ZOGrad, block_branches, embed_branches, head_branches,
-                           materialize as materialize_estimate)
+from zojax.zo.spsa import (ZOGrad, block_branches, embed_branches, group_estimate,
+                           head_branches, materialize as materialize_estimate)
 
 PERT, DATA = "pert", "data"
 HOST_KINDS = ("pinned_host", "unpinned_host")
@@ -127,31 +127,8 @@ def layerwise_sign(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 
 
 
 def layer_estimate(zograd: ZOGrad, layer, like, *, dtype=None, constrain=None):
-  """ĝ for one layer, by `zojax.zo.spsa.materialize`'s arithmetic on `perturb.block_noise`.
-
-  Args:
-    zograd: the estimate.
-    layer: the layer index (may be traced).
-    like: one layer's parameters (arrays or ShapeDtypeStructs, no layer axis).
-    dtype: output dtype; None gives each leaf its parameter's dtype.
-    constrain: optional fn applied to each z tree (a sharding constraint, so that a sliced
-      layer draws only its own slice).
-
-  Returns:
-    A tree shaped like `like`.
-  """
-  num_samples = zograd.coeffs.shape[0]
-  constrain = constrain or (lambda t: t)
-
-  def term(i):
-    z = constrain(perturb.block_noise(zograd.key, zograd.step, i, layer, like))
-    return jax.tree.map(lambda zz: zograd.coeffs[i] * zz, z)
-
-  total = term(0)
-  if num_samples > 1:
-    add = lambda i, acc: jax.tree.map(jnp.add, acc, term(i))
-    total = jax.lax.fori_loop(1, num_samples, add, total)
-  return jax.tree.map(lambda g, p: (g / num_samples).astype(dtype or p.dtype), total, like)
+  """ĝ for one block layer: `zojax.zo.spsa.group_estimate`, the dense update's arithmetic."""
+  return group_estimate(zograd, layer, like, dtype=dtype, constrain=constrain)
 
 
 def _direction(update: LayerwiseZO, estimate: Callable, params):
