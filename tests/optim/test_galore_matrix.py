@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zojax import optim
 from zojax.train import sharding
+
+from _optimizer_checks import assert_orbax_round_trip
 
 LR, WD = 0.05, 0.01
 GALORE = dict(learning_rate=LR, weight_decay=WD, rank=2, update_proj_gap=2)
@@ -133,15 +134,7 @@ def test_state_sharding_is_kept_on_an_8_device_mesh(name):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_orbax_round_trip(name, tmp_path):
   _, state = _run(name, _params(), steps=1, inject=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "state", state)
-    ckptr.wait_until_finished()
-    restored = ckptr.restore(tmp_path / "state",
-                             jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-  assert jax.tree.structure(restored) == jax.tree.structure(state)
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-    assert a.dtype == b.dtype
-    np.testing.assert_array_equal(a, b)
+  assert_orbax_round_trip(state, tmp_path)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zojax import optim, zo
 from zojax.train import sharding
 from zojax.optim.masks import decay_mask
+
+from _optimizer_checks import assert_orbax_round_trip
 
 LR, WD = 0.1, 0.05
 
@@ -183,15 +184,7 @@ def test_state_sharding_is_kept_on_an_8_device_mesh(name):
 def test_orbax_round_trip(name, tmp_path):
   tx, params = _tx(name, inject=True), _params()
   _, state = _apply(name, inject=True)(params, tx.init(params), _zograd())
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "state", state)
-    ckptr.wait_until_finished()
-    restored = ckptr.restore(tmp_path / "state",
-                             jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-  assert jax.tree.structure(restored) == jax.tree.structure(state)
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-    assert a.dtype == b.dtype
-    np.testing.assert_array_equal(a, b)
+  assert_orbax_round_trip(state, tmp_path)
 
 
 def test_bad_inputs_are_one_line_errors():
