@@ -4,14 +4,17 @@
                                      [--quick]
 
 Each run name is ``k{K}_lr{LR}[_seed{S}][_adam][_n{N}]``: k-shot size per class, ZO learning
-rate, k-shot seed, ZO-Adam instead of ZO-SGD, N SPSA samples per step (n-SPSA). Every run
+rate, seed (the k-shot sample and the ZO seed, so repeats draw independent directions), ZO-Adam instead of ZO-SGD, N SPSA samples per step (n-SPSA). Every run
 is `configs/sentiment_zo.py` (eps 1e-3, batch 16, MeZO's settings) for `--steps` steps,
 evaluated every `--eval_every` steps on a fixed 400-sentence subset of the test split (the
 demo's subset; the AdamW baselines in BENCHMARKS.md use all 1000).
 
 Runs go one after another in this process; after each one the script rewrites
-experiments/results/zo_sentiment.{json,png} (a table, and test accuracy against steps), so
-a long background sweep leaves usable results at every point. Prints a final JSON line.
+experiments/results/zo_sentiment.{json,png} (a table, and test accuracy against steps),
+keeping the runs already recorded there (a rerun of a name replaces its row), so a long
+background sweep leaves usable results at every point. Prints a final JSON line.
+`--summarize` only rebuilds the results from the runs' metrics.jsonl, including runs that
+were stopped before their last step (marked "finished": false).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def run(name: str, steps: int, eval_every: int, eval_limit: int, workroot: pathl
          + (",adam" if spec["adam"] else ""))
   config = config_lib.load(f"configs/sentiment_zo.py:{arg}")
   config_lib.override(config, [
-      f"zo.num_samples={spec['num_samples']}", f"train.eval_every={eval_every}",
+      f"seed={spec['seed']}", f"zo.num_samples={spec['num_samples']}", f"train.eval_every={eval_every}",
       f"train.checkpoint_every={eval_every}", f"task.eval_limit={eval_limit}",
       "task.eval_splits=('test',)", "train.progress=False"])
   t0 = time.perf_counter()
@@ -76,21 +79,25 @@ def curve(workdir: pathlib.Path) -> list[tuple[int, float]]:
   return sorted(dict(points).items())
 
 
-def summarize(runs: dict, workroot: pathlib.Path) -> dict:
+def row(name: str, result: dict | None, workroot: pathlib.Path) -> dict:
+  """One table row; `result` is None for a run stopped early (read from metrics.jsonl)."""
+  points = curve(workroot / name) if (workroot / name / "metrics.jsonl").exists() else []
+  last = points[-1] if points else (0, None)
+  return {
+      "run": name, **parse_name(name), "finished": result is not None,
+      "steps": result["steps"] if result else last[0],
+      "zero_shot_acc": points[0][1] if points and points[0][0] == 0 else None,
+      "best_acc": max(a for _, a in points) if points else None,
+      "final_acc": result["final_eval"]["test/accuracy"] if result else last[1],
+      "seconds_per_step": result["seconds_per_step"] if result else None,
+      "peak_step_bytes": result["step_memory"].get("peak_bytes") if result else None,
+      "curve": points,
+  }
+
+
+def summarize(rows: dict) -> dict:
   baselines = json.loads(BASELINES.read_text())["summary"] if BASELINES.exists() else {}
-  table = []
-  for name, r in runs.items():
-    points = curve(workroot / name)
-    table.append({
-        "run": name, **r["spec"], "steps": r["steps"],
-        "zero_shot_acc": points[0][1] if points and points[0][0] == 0 else None,
-        "best_acc": max(a for _, a in points) if points else None,
-        "final_acc": r["final_eval"]["test/accuracy"],
-        "seconds_per_step": r["seconds_per_step"],
-        "peak_step_bytes": r["step_memory"].get("peak_bytes"),
-        "curve": points,
-    })
-  return {"table": table, "adamw_baselines_1000_test": {
+  return {"table": list(rows.values()), "adamw_baselines_1000_test": {
       k: baselines.get(k) for k in ("zero_shot_test_accuracy", "adamw_k16_test_accuracy_mean",
                                     "adamw_k16_test_accuracy_std", "adamw_k512_test_accuracy")}}
 
@@ -124,6 +131,8 @@ def main():
   parser.add_argument("--eval_limit", type=int, default=400)
   parser.add_argument("--workroot", default="runs/zo_sentiment")
   parser.add_argument("--quick", action="store_true", help="2 steps, 16 eval sentences")
+  parser.add_argument("--summarize", action="store_true",
+                      help="only rebuild the results files from the runs' metrics.jsonl")
   args = parser.parse_args()
   for name in args.runs:
     parse_name(name)  # every name checked before hours of training
@@ -134,16 +143,28 @@ def main():
   workroot = pathlib.Path(args.workroot)
   stem = "zo_sentiment_quick" if args.quick else "zo_sentiment"
   RESULTS.mkdir(exist_ok=True)
-  runs = {}
-  for name in args.runs:
-    runs[name] = run(name, steps, eval_every, eval_limit, workroot)
-    summary = summarize(runs, workroot)
-    summary.update(steps=steps, eval_limit=eval_limit, quick=args.quick)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"summary": summary, "runs": runs},
-                                                     indent=2, default=str))
+  path = RESULTS / f"{stem}.json"
+  previous = json.loads(path.read_text()) if path.exists() else {"summary": {"table": []}}
+  rows = {r["run"]: r for r in previous["summary"]["table"]}
+  results = previous.get("runs", {})
+
+  def write():
+    summary = summarize(rows)
+    summary.update(eval_limit=eval_limit, quick=args.quick)
+    path.write_text(json.dumps({"summary": summary, "runs": results}, indent=2, default=str))
     plot(summary, RESULTS / f"{stem}.png")
-    logging.info("%s: final test acc %.3f", name, runs[name]["final_eval"]["test/accuracy"])
-  print(json.dumps({row["run"]: row["final_acc"] for row in summary["table"]}))
+
+  if args.summarize:  # rebuild rows from disk; a run without a recorded result is partial
+    for name in args.runs:
+      rows[name] = row(name, results.get(name), workroot)
+    write()
+  else:
+    for name in args.runs:
+      results[name] = run(name, steps, eval_every, eval_limit, workroot)
+      rows[name] = row(name, results[name], workroot)
+      write()
+      logging.info("%s: final test acc %.3f", name, results[name]["final_eval"]["test/accuracy"])
+  print(json.dumps({name: rows[name]["final_acc"] for name in args.runs}))
 
 
 if __name__ == "__main__":
