@@ -13,10 +13,11 @@ bucket for the rest (counted from the train split only; the bucket is a regular 
 Runs (one seed, identical batches): AdamW (lr 1e-3, the paper's baseline lr; 3e-3, near the
 lr GaLore's projected leaves get, 1e-2 x 0.25; and 1e-2, the lr its full-rank leaves get),
 8-bit Adam, GaLore (lr 1e-2, scale 0.25, rank 48 = d/4, T = 100; the paper's lr/scale, its
-rank/d ratio at 60M, T scaled to the run), GaLore with the randomized projector, 8-bit GaLore, Natural GaLore. Cosine schedule with 10%
-warmup to 10% of peak, as the paper. Writes experiments/results/galore_pretrain.json and
-.png (runs already recorded there with the same steps and batch size are kept, so the sweep
-can be spread over several processes) and prints a one-line JSON summary.
+rank/d ratio at 60M, T scaled to the run), GaLore with the randomized projector, 8-bit
+GaLore, Natural GaLore. Cosine schedule with 10% warmup to 10% of peak, as the paper. Writes
+experiments/results/galore_pretrain.json and .png (runs already recorded there with the same
+steps and batch size are kept, so the sweep can be spread over several processes) and prints
+a one-line JSON summary.
 """
 
 from __future__ import annotations
