@@ -25,13 +25,15 @@ leaves are projected, on which side, and which go to the inner optimizer at full
 Learning-rate convention (the official one): projected leaves train at lr * scale, the
 full-rank ones at lr. The paper's pre-training runs use lr 0.01, scale 0.25, T 200.
 
-The projection math is kept in two small functions, `project_reference` and
-`project_back_reference`, so the Pallas kernel (`zojax.kernels.projection`) can replace them.
+The down and up projections go through `zojax.kernels.projection` (`implementation`: "auto"
+picks its Pallas kernel on GPU where the shapes tile, `jnp` matmuls elsewhere);
+`project_reference` and `project_back_reference` below are the same math for one matrix.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import re
 from typing import Any, Callable, NamedTuple
@@ -41,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from zojax.kernels import projection
 from zojax.optim.adam8bit import scale_by_adam8bit
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -51,7 +54,7 @@ PROJECTOR_METHODS = ("svd", "randomized")
 # so they go to `optax.inject_hyperparams(..., static_args=...)`; see `static_args`.
 STATIC_ARGS = ("rank", "proj_type", "moment_policy", "projector", "power_iters", "oversample",
                "stagger", "seed", "weight_dimension_numbers", "inner", "mask", "history",
-               "block_size", "min_8bit_size", "eps_convention")
+               "block_size", "min_8bit_size", "eps_convention", "implementation")
 
 # Paper default: the linear layers of attention and MLP. Matched against the leaf's path.
 DEFAULT_PATTERN = (r"(^|\W)(wq|wk|wv|wo|w_gate|w_up|w_down|q_proj|k_proj|v_proj|o_proj|"
@@ -65,7 +68,6 @@ def static_args(factory: Callable) -> tuple[str, ...]:
     >>> tx = optax.inject_hyperparams(galore_adamw, static_args=static_args(galore_adamw))(
     ...     learning_rate=1e-2, rank=4)
   """
-  import inspect  # noqa: PLC0415
   names = inspect.signature(factory).parameters
   return tuple(a for a in STATIC_ARGS if a in names)
 
@@ -258,6 +260,38 @@ def project_back_reference(n_low, proj: dict, side: str, scale):
   return scale * full
 
 
+def _flat_batch(x, p: _LeafPlan):
+  """[*batch, a, b] -> [prod(batch), a, b] (the kernels' stacked layout), or [a, b] unbatched."""
+  return x.reshape(-1, *x.shape[-2:]) if p.batch_shape else x
+
+
+def _project(g, proj: dict, p: _LeafPlan, implementation: str):
+  """`project_reference` on [*batch, m, n] through the projection kernels."""
+  run = lambda x, side, q: projection.project(_flat_batch(x, p), _flat_batch(q, p), side,
+                                              implementation=implementation)
+  out = g
+  if p.side in ("left", "full"):
+    out = run(out, "left", proj["left"])
+  if p.side in ("right", "full"):
+    # The kernels take Q as [n, r]; the transpose folds into the matmul.
+    out = run(out, "right", jnp.swapaxes(proj["right"], -1, -2))
+  return out.reshape(*p.batch_shape, *_low_rank_shape(p))
+
+
+def _project_back(n_low, proj: dict, p: _LeafPlan, scale, implementation: str):
+  """`project_back_reference` on [*batch, ., .] through the projection kernels."""
+  run = lambda x, side, q, a: projection.project_back(
+      _flat_batch(x, p), _flat_batch(q, p), side, a, implementation=implementation)
+  out = n_low
+  if p.side == "full":  # P N first, as the reference associates (P N) Q
+    out = run(out, "left", proj["left"], 1.0).reshape(*p.batch_shape, p.m, p.rank)
+  if p.side == "left":
+    out = run(out, "left", proj["left"], scale)
+  else:
+    out = run(out, "right", jnp.swapaxes(proj["right"], -1, -2), scale)
+  return out.reshape(*p.batch_shape, p.m, p.n)
+
+
 def _batched(fn, p: _LeafPlan):
   """vmap a one-matrix function over the leaf's batch axes."""
   for _ in p.batch_shape:
@@ -429,6 +463,7 @@ def scale_by_galore(
     oversample: int = 8,
     stagger: bool = False,
     seed: int = 0,
+    implementation: str = "auto",
     low_rank_transform: optax.GradientTransformationExtraArgs | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore direction: project, run `inner` in the low-rank space, project back (Alg. 2).
@@ -453,6 +488,8 @@ def scale_by_galore(
     stagger: refresh leaf i at steps offset_i + kT (offset_i = i T / #leaves) instead of all
       at once, spreading the SVD cost; every leaf still refreshes at step 0.
     seed: for the randomized projector's Gaussian sketch (folded with step and leaf).
+    implementation: of the projections, as in `zojax.kernels.projection`: "auto" (the
+      Pallas kernel on GPU where the shapes tile, XLA matmuls otherwise), "pallas", "xla".
     low_rank_transform: applied to the projected leaves' low-rank gradients before `inner`
       (non-projected leaves are None in its trees); it gets `refreshed` (a tree of bool
       scalars) as an extra argument. Natural GaLore uses it.
@@ -469,6 +506,9 @@ def scale_by_galore(
     raise ValueError(f"galore: projector={projector!r} is not one of {PROJECTOR_METHODS}")
   if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
     raise ValueError(f"galore: rank={rank!r} must be a positive Python int")
+  if implementation not in projection.IMPLEMENTATIONS:
+    raise ValueError(f"galore: implementation={implementation!r} is not one of "
+                     f"{projection.IMPLEMENTATIONS}")
   inner = optax.with_extra_args_support(scale_by_adam_torch() if inner is None else inner)
   lrt = None if low_rank_transform is None else optax.with_extra_args_support(low_rank_transform)
   plan_of = functools.partial(make_plan, rank=rank, proj_type=proj_type,
@@ -542,7 +582,7 @@ def scale_by_galore(
       failures = failures + bad
       new_proj.append(proj)
       refreshed.append(do)
-      low.append(_batched(functools.partial(project_reference, side=p.side), p)(g_m, proj))
+      low.append(_project(g_m, proj, p, implementation))
 
     inner_state = state.inner_state
     if moment_policy != "keep":
@@ -562,8 +602,7 @@ def scale_by_galore(
       if p is None:
         out.append(d.astype(g.dtype))
         continue
-      back = _batched(lambda n, q, p=p: project_back_reference(n, q, p.side, scale), p)(d, proj)
-      out.append(_from_matrix(back, p, g.dtype))
+      out.append(_from_matrix(_project_back(d, proj, p, scale, implementation), p, g.dtype))
 
     new_state = GaLoreState(
         count=count + 1, projectors=treedef.unflatten(new_proj), inner_state=inner_state,
@@ -638,36 +677,44 @@ def scale_by_adam_torch(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-GALORE_KWARGS = ("rank", "update_proj_gap", "scale", "proj_type", "weight_dimension_numbers",
-                 "moment_policy", "projector", "power_iters", "oversample", "stagger", "seed")
+def takes_galore_args(*, exclude: tuple[str, ...] = ()):
+  """Decorator: an alias's `**galore_args` are `scale_by_galore`'s keyword arguments.
 
-
-def galore_kwargs(scope: dict) -> dict:
-  """`scale_by_galore`'s keyword arguments picked from a factory's `locals()`.
-
-  The factories spell every argument out (optax.inject_hyperparams reads their signatures);
-  this forwards them without repeating the list.
+  The alias spells out only its own arguments; its signature (what `help` and
+  `optax.inject_hyperparams` read) gets GaLore's appended, with their defaults, except
+  `low_rank_transform` and `exclude`, and every call is checked against it.
   """
-  return {k: scope[k] for k in GALORE_KWARGS if k in scope}
+  def wrap(fn):
+    own = inspect.signature(fn)
+    shared = [a for name, a in inspect.signature(scale_by_galore).parameters.items()
+              if a.kind == a.KEYWORD_ONLY and name not in ("low_rank_transform", *exclude)]
+    sig = own.replace(parameters=[a for a in own.parameters.values()
+                                  if a.kind != a.VAR_KEYWORD] + shared)
+
+    @functools.wraps(fn)
+    def alias(*args, **kwargs):
+      sig.bind(*args, **kwargs)  # an unknown or excluded argument: TypeError naming it
+      return fn(*args, **kwargs)
+    alias.__signature__ = sig
+    return alias
+  return wrap
 
 
+def galore_chain(direction: optax.GradientTransformation, learning_rate, weight_decay, mask
+                 ) -> optax.GradientTransformationExtraArgs:
+  """`direction`, then decoupled weight decay in the full space, then the learning rate."""
+  return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+@takes_galore_args()
 def galore(
     learning_rate: optax.ScalarOrSchedule,
     inner: optax.GradientTransformation | None = None,
     *,
     weight_decay: float = 0.0,
     mask: Any = None,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    weight_dimension_numbers: Any = None,
-    moment_policy: str = "keep",
-    projector: str = "svd",
-    power_iters: int = 1,
-    oversample: int = 8,
-    stagger: bool = False,
-    seed: int = 0,
+    **galore_args,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore around `inner`, with decoupled weight decay in the full space and the learning rate.
 
@@ -676,13 +723,10 @@ def galore(
   the others by lr * direction. `inner` should be scale-only (no learning rate). The other
   arguments are `scale_by_galore`'s.
   """
-  return optax.chain(
-      scale_by_galore(inner, **galore_kwargs(locals())),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return galore_chain(scale_by_galore(inner, **galore_args), learning_rate, weight_decay, mask)
 
 
+@takes_galore_args()
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -691,18 +735,8 @@ def galore_adamw(
     weight_decay: float = 0.0,
     *,
     mask: Any = None,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    weight_dimension_numbers: Any = None,
-    moment_policy: str = "keep",
-    projector: str = "svd",
-    power_iters: int = 1,
-    oversample: int = 8,
-    stagger: bool = False,
-    seed: int = 0,
     eps_convention: str = "torch",
+    **galore_args,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-AdamW (Zhao et al., 2024, Alg. 2), the official `GaLoreAdamW`.
 
@@ -723,10 +757,10 @@ def galore_adamw(
     inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32)
   else:
     raise ValueError(f"galore_adamw: eps_convention={eps_convention!r} is not 'torch' or 'optax'")
-  return galore(learning_rate, inner, weight_decay=weight_decay, mask=mask,
-                **galore_kwargs(locals()))
+  return galore(learning_rate, inner, weight_decay=weight_decay, mask=mask, **galore_args)
 
 
+@takes_galore_args()
 def galore8bit(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -737,25 +771,15 @@ def galore8bit(
     mask: Any = None,
     block_size: int = 256,
     min_8bit_size: int = 4096,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    weight_dimension_numbers: Any = None,
-    moment_policy: str = "keep",
-    projector: str = "svd",
-    power_iters: int = 1,
-    oversample: int = 8,
-    stagger: bool = False,
-    seed: int = 0,
+    **galore_args,
 ) -> optax.GradientTransformationExtraArgs:
   """8-bit GaLore (the official `GaLoreAdamW8bit`): GaLore around `scale_by_adam8bit`.
 
   Low-rank moments (and the full-rank ones of large non-projected leaves) are stored as
   blockwise 8-bit codes; eps 1e-8 as bitsandbytes. `moment_policy="reproject"` is not
-  available (the moments are codes): use "keep" or "reset".
+  available (the moments are codes): use "keep" or "reset". Other arguments: see
+  `scale_by_galore`.
   """
   inner = scale_by_adam8bit(b1=b1, b2=b2, eps=eps, block_size=block_size,
                             min_8bit_size=min_8bit_size)
-  return galore(learning_rate, inner, weight_decay=weight_decay, mask=mask,
-                **galore_kwargs(locals()))
+  return galore(learning_rate, inner, weight_decay=weight_decay, mask=mask, **galore_args)

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import optax
 
-from zojax.optim.galore import galore_kwargs, scale_by_adam_torch, scale_by_galore
+from zojax.optim.galore import (galore_chain, scale_by_adam_torch, scale_by_galore,
+                                takes_galore_args)
 
 
 class WoodburyFisherState(NamedTuple):
@@ -88,6 +89,7 @@ def scale_by_woodbury_fisher(history: int = 20, damping: float = 1e-3
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@takes_galore_args(exclude=("moment_policy",))
 def natural_galore(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -98,29 +100,18 @@ def natural_galore(
     history: int = 20,
     damping: float = 1e-3,
     mask: Any = None,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    weight_dimension_numbers: Any = None,
-    projector: str = "svd",
-    power_iters: int = 1,
-    oversample: int = 8,
-    stagger: bool = False,
-    seed: int = 0,
+    **galore_args,
 ) -> optax.GradientTransformationExtraArgs:
   """Natural GaLore-AdamW: GaLore-AdamW whose low-rank gradients are Fisher-preconditioned first.
 
   Same learning-rate convention as `galore_adamw` (projected leaves at lr * scale). Moments
-  are kept at a refresh (the official policy); the Fisher history is cleared.
+  are kept at a refresh (the official policy); the Fisher history is cleared. Other
+  arguments: see `zojax.optim.scale_by_galore`.
 
   Example:
     >>> tx = natural_galore(1e-2, rank=128, history=20, damping=1e-3)
   """
-  return optax.chain(
-      scale_by_galore(
-          scale_by_adam_torch(b1=b1, b2=b2, eps=eps), **galore_kwargs(locals()),
-          low_rank_transform=scale_by_woodbury_fisher(history=history, damping=damping)),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  direction = scale_by_galore(
+      scale_by_adam_torch(b1=b1, b2=b2, eps=eps), **galore_args,
+      low_rank_transform=scale_by_woodbury_fisher(history=history, damping=damping))
+  return galore_chain(direction, learning_rate, weight_decay, mask)
