@@ -54,6 +54,22 @@ def _blocks(x, block_size):
   return flat.reshape(-1, block_size)
 
 
+def _searchsorted(book, x):
+  """`jnp.searchsorted(book, x)` for a power-of-two-sized book, as unrolled halvings.
+
+  Elementwise with lookups into the small book, so XLA fuses it into one pass; the while
+  loop of `jnp.searchsorted` keeps several full-size index buffers alive (6 fp32 copies of
+  the leaf per quantization on CPU).
+  """
+  step = book.size // 2
+  i = jnp.where(book[step - 1] < x, step, 0)  # a scalar lookup: nothing to constant-fold
+  step //= 2
+  while step:
+    i = jnp.where(book[i + step - 1] < x, i + step, i)
+    step //= 2
+  return i
+
+
 def quantize(x, *, signed: bool, block_size: int = 256):
   """fp32 array -> (uint8 codes of the same shape, fp32 absmax [ceil(size / block_size)])."""
   x = jnp.asarray(x, jnp.float32)
@@ -62,10 +78,15 @@ def quantize(x, *, signed: bool, block_size: int = 256):
   safe = jnp.where(absmax > 0, absmax, 1.0)
   normed = jnp.clip(xb / safe[:, None], -1.0, 1.0)
   book = jnp.asarray(dynamic_codebook(signed))
-  hi = jnp.clip(jnp.searchsorted(book, normed), 1, book.size - 1)
+  hi = jnp.clip(_searchsorted(book, normed), 1, book.size - 1)
   lo = hi - 1
   idx = jnp.where(normed - book[lo] <= book[hi] - normed, lo, hi)
   return idx.reshape(-1)[:x.size].reshape(x.shape).astype(jnp.uint8), absmax
+
+
+def zero_code(signed: bool) -> int:
+  """The code `quantize` gives an all-zero block (the index of 0.0 in the codebook)."""
+  return int(np.flatnonzero(dynamic_codebook(signed) == 0.0)[0])
 
 
 def dequantize(codes, absmax, *, signed: bool, block_size: int = 256):
@@ -116,7 +137,9 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
     def codes(x, signed):
       if not quantized(x):
         return jnp.zeros(np.shape(x), jnp.float32)
-      return quantize(jnp.zeros(np.shape(x), jnp.float32), signed=signed, block_size=block_size)[0]
+      # quantize(zeros) is the code of 0.0 everywhere; written directly, XLA does not
+      # constant-fold a whole quantization (tens of seconds per large leaf).
+      return jnp.full(np.shape(x), zero_code(signed), jnp.uint8)
     scales = lambda x: jnp.ones((nb(x),), jnp.float32)
     return ScaleByAdam8bitState(
         count=jnp.zeros([], jnp.int32),
