@@ -79,3 +79,17 @@ def test_fisher_history_is_a_ring_buffer_cleared_at_a_refresh():
     _, state = update(g, state, params)
     counts.append(nonzero(hist(state)))
   assert counts == [1, 2, 2, 1]  # step 3 refreshes: history cleared, then this step's gradient
+
+
+def test_unrolled_codebook_search_and_zero_init_match_the_plain_versions():
+  rng = np.random.default_rng(9)
+  for signed in (True, False):
+    book = jnp.asarray(A8.dynamic_codebook(signed))
+    x = jnp.concatenate([jnp.asarray(rng.uniform(-1.0 if signed else 0.0, 1.0, 5000), jnp.float32),
+                         book, (book[1:] + book[:-1]) / 2])  # codes and exact midpoints
+    np.testing.assert_array_equal(A8._searchsorted(book, x), jnp.searchsorted(book, x))
+  state = A8.scale_by_adam8bit(block_size=8, min_8bit_size=16).init({"w": jnp.ones((4, 8))})
+  np.testing.assert_array_equal(state.mu["w"], A8.quantize(jnp.zeros((4, 8)), signed=True,
+                                                           block_size=8)[0])
+  np.testing.assert_array_equal(state.nu["w"], A8.quantize(jnp.zeros((4, 8)), signed=False,
+                                                           block_size=8)[0])
