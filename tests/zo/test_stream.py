@@ -1,6 +1,7 @@
 """ZO2 streaming: bit-exact with the dense engine, never stale, O(1) device memory in depth."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,9 @@ import pytest
 
 from zojax import zo
 from zojax.models import llama
-from zojax.zo import stream
+from zojax.zo import parallel, stream
 
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 CFG = llama.CONFIGS["tiny"]
 STEPS, BAD_STEP, KEY = 20, 7, jax.random.key(5)
 
@@ -126,6 +128,7 @@ def test_placement(runs):
   assert state.resident["wq"].shape[0] == 1
 
 
+@functools.cache  # traced by three tests; the state and batch are abstract, so sharing is safe
 def _lowering(num_layers):
   cfg = dataclasses.replace(CFG, num_layers=num_layers)
   engine = stream.StreamEngine(llama.make(cfg), _update(), eps=1e-3)
@@ -178,6 +181,55 @@ def test_prefetch_does_not_wait_for_the_block_compute():
       return c * x + jax.device_put(jax.device_put(c, host), dev), None
     return jax.lax.scan(body, jnp.ones(3), jnp.arange(4))[0]
   assert not stream.transfer_overlaps(jax.make_jaxpr(serial)(xs))
+
+
+@pytest.mark.parametrize("kwargs, branch_group", [
+    (dict(one_sided=True, microbatches=2, num_samples=2), 2),  # a scale-0 branch per sample
+    (dict(one_sided=True, num_samples=2), 1),                  # n + 1 units of one branch
+])
+def test_one_sided_and_microbatches_first_step_bit_exact(kwargs, branch_group):
+  model, params0, update = llama.make(CFG), llama.init(CFG, jax.random.key(0)), _update()
+  batch = _batch(0)
+  loss, g = jax.jit(lambda p, b: zo.spsa(model, p, b, KEY, step=0, eps=1e-3, **kwargs))(
+      params0, batch)
+  want, _ = zo.make_apply(update.dense)(params0, update.dense.init(params0), g)
+  layout = parallel.make_layout(1, 1, branch_group=branch_group, slice_blocks=False)
+  engine = stream.StreamEngine(model, update, eps=1e-3, layout=layout, **kwargs)
+  state, out = engine.step(engine.init(params0, KEY), batch)
+  # L(θ) comes from a scale-0 branch (θ + 0·z is θ exactly) run beside the +ε ones, and
+  # micro-batch losses combine by the dense rule (loss_sum/count): bit-equal to `spsa`.
+  assert float(out["loss"]) == float(loss)
+  np.testing.assert_array_equal(np.asarray(out["zograd"].coeffs), np.asarray(g.coeffs))
+  assert len(set(np.asarray(g.coeffs).tolist())) == 2  # two samples, two directions
+  _assert_bit_equal(want, engine.params(state))
+
+
+def test_microbatches_must_divide_the_batch():
+  _, engine, _, state, _ = _lowering(2)
+  engine = stream.StreamEngine(engine.model, _update(), microbatches=3)
+  with pytest.raises(ValueError, match=r"microbatches=3 x layout data_chunks=1 must divide "
+                     r"the batch size 8"):
+    engine.jaxpr(state, jax.eval_shape(lambda: _batch(0)))
+  with pytest.raises(ValueError, match="microbatches=0 must be an integer >= 1"):
+    stream.StreamEngine(engine.model, _update(), microbatches=0)
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_gpu_memory_analysis_host_apart_from_device():
+  # On a GPU, XLA's own memory_analysis tells pinned-host bytes from device bytes (on CPU
+  # it cannot, hence `device_bytes`): device constant in depth, host growing with it.
+  def analysed(num_layers):
+    _, engine, params, state, batch = _lowering(num_layers)
+    a = engine.lower(state, batch).compile().memory_analysis()
+    device = (a.argument_size_in_bytes + a.output_size_in_bytes + a.temp_size_in_bytes
+              - a.alias_size_in_bytes)
+    host = a.host_argument_size_in_bytes + a.host_output_size_in_bytes
+    return device, host, engine.block_bytes(params)
+  (dev2, host2, block), (dev8, host8, _) = analysed(2), analysed(8)
+  assert abs(dev8 - dev2) <= 0.05 * dev2, (dev2, dev8)
+  # 6 more streamed blocks, params and momentum, read and written back.
+  assert host8 - host2 >= 6 * block * 4, (host2, host8)
 
 
 def test_bad_input():

@@ -19,6 +19,10 @@ block being computed has to be there. `StreamEngine` is that engine in JAX:
     update; `StreamEngine.params` always returns flushed weights, so evaluation and
     checkpoints never see stale ones. The embed/head update is a second small compiled
     program run right after the step (`StreamEngine._update_outer` says why).
+  * **Estimator options** as in `zojax.zo.spsa`: ``num_samples``; ``one_sided`` (c_i =
+    (L(θ+εz_i) − L(θ))/ε, L(θ) from a scale-0 branch, θ + 0·z being θ exactly);
+    ``microbatches`` (more batch chunks, same z, losses combined by loss_sum/count). First
+    step bit-identical to `spsa` with the same options (tested).
 
 The same engine runs on a `jax.sharding.Mesh` with axes ``("pert", "data")``
 (`zojax.zo.parallel` builds the `Layout`): the step's work is cut into *units*, one group of
@@ -252,8 +256,9 @@ class StreamEngine:
   """
 
   def __init__(self, model: protocol.BlockModel, update: LayerwiseZO, *, eps: float = 1e-3,
-               num_samples: int = 1, resident_blocks: int = 0,
-               memory_kind: str = "pinned_host", layout: Layout | None = None):
+               num_samples: int = 1, one_sided: bool = False, microbatches: int = 1,
+               resident_blocks: int = 0, memory_kind: str = "pinned_host",
+               layout: Layout | None = None):
     if not isinstance(update, LayerwiseZO):
       raise ValueError(f"update must be a LayerwiseZO (layerwise_sgd/adam/sign), got "
                        f"{type(update).__name__}")
@@ -261,14 +266,17 @@ class StreamEngine:
       raise ValueError(f"eps={eps} must be > 0")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
       raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+      raise ValueError(f"microbatches={microbatches!r} must be an integer >= 1")
     if isinstance(resident_blocks, bool) or not isinstance(resident_blocks, int) or \
         resident_blocks < 0:
       raise ValueError(f"resident_blocks={resident_blocks!r} must be an integer >= 0")
     self.model, self.update = model, update
     self.eps, self.num_samples, self.resident_blocks = float(eps), num_samples, resident_blocks
+    self.one_sided, self.microbatches = bool(one_sided), microbatches
     self.layout = layout or single_device_layout()
     self.memory_kind = memory_kind
-    _check_layout(self.layout, num_samples)
+    _check_layout(self.layout, num_samples, self.one_sided)
     _check_memory_kind(self.layout.mesh, memory_kind)
     # The host blocks are not donated: with them donated, XLA (CPU) copies the whole stack
     # (the scan reads the input while writing the aliased output), which puts O(L) bytes in
@@ -277,6 +285,7 @@ class StreamEngine:
     self._jit_flush = jax.jit(self._flush, donate_argnums=0)
     self._jit_outer = jax.jit(self._update_outer, donate_argnums=(0, 1))
     self._jit_flush_copy = jax.jit(self._flush)
+    self._compiled_step = None
 
   # -- shardings ------------------------------------------------------------------------
 
@@ -348,12 +357,20 @@ class StreamEngine:
   # -- the step -------------------------------------------------------------------------
 
   def _units(self, step, key):
-    """Per branch group u: its stream key data [U, 4] and scales [U, g]."""
+    """Per branch group u: its stream key data [U, 4] and scales [U, g].
+
+    Two-sided: sample i's branches are +ε and −ε. One-sided: +ε for each sample and one
+    unperturbed branch (scale 0, so θ + 0·z is θ exactly); with branch_group 2 every sample's
+    unit carries its own scale-0 branch (all units keep one shape; n − 1 forwards more than
+    the dense engine's n + 1), with branch_group 1 it is a unit of its own.
+    """
     g, n = self.layout.branch_group, self.num_samples
     eps = jnp.asarray(self.eps, jnp.float32)
-    signs = jnp.stack([eps, -eps])
+    signs = jnp.stack([eps, jnp.zeros_like(eps) if self.one_sided else -eps])
     if g == 2:
       samples, scales = np.arange(n), jnp.tile(signs[None], (n, 1))
+    elif self.one_sided:
+      samples, scales = np.append(np.arange(n), 0), jnp.append(jnp.tile(eps, n), 0.0)[:, None]
     else:
       samples, scales = np.repeat(np.arange(n), 2), jnp.tile(signs, n)[:, None]
     skeys = jnp.stack([jax.random.key_data(perturb.sample_key(key, step, int(i)))
@@ -510,7 +527,11 @@ class StreamEngine:
     return resident, resident_opt, host_blocks, host_opt, acts
 
   def _losses(self, out):
-    """Unit losses [U, C, g] -> branch losses [n, 2] (the dense `spsa`'s combination)."""
+    """Unit losses [U, C, g] -> (L+ [n], L− [n] or the unperturbed L [], all losses).
+
+    Chunks (micro-batches, data chunks) combine as in the dense `spsa`: by the head's
+    loss_sum/count sums when it returns them, else the mean.
+    """
     n = self.num_samples
     if out["loss"].shape[1] == 1:
       losses = out["loss"][:, 0]
@@ -518,7 +539,15 @@ class StreamEngine:
       losses = jnp.sum(out["loss_sum"], axis=1) / jnp.maximum(jnp.sum(out["count"], axis=1), 1.0)
     else:
       losses = jnp.mean(out["loss"], axis=1)
-    return losses.reshape(n, 2)
+    if not self.one_sided:
+      both = losses.reshape(n, 2)
+      return both[:, 0], both[:, 1], both
+    flat = losses.reshape(-1)
+    if self.layout.branch_group == 2:  # [+ε_i, 0] per sample; the 0 branches are equal
+      plus, base = flat[0::2], flat[1]
+    else:                              # [+ε_0 .. +ε_{n-1}, 0]
+      plus, base = flat[:n], flat[n]
+    return plus, base, jnp.append(plus, base)
 
   def _split_step(self, device_state: StreamState, host, batch):
     blocks, blocks_opt = host
@@ -534,11 +563,13 @@ class StreamEngine:
     if len(sizes) != 1:
       raise ValueError(f"batch leaves disagree on the batch axis: sizes {sorted(sizes)}")
     size = sizes.pop()
-    if size % layout.data_chunks:
-      raise ValueError(f"layout data_chunks={layout.data_chunks} must divide the batch size "
-                       f"{size}")
-    chunk = size // layout.data_chunks
-    batch_C = jax.tree.map(lambda x: x.reshape(layout.data_chunks, chunk, *x.shape[1:]), batch)
+    # Micro-batches are more chunks: same z, losses combined by the dense engine's rule.
+    chunks = layout.data_chunks * self.microbatches
+    if size % chunks:
+      raise ValueError(f"microbatches={self.microbatches} x layout data_chunks="
+                       f"{layout.data_chunks} must divide the batch size {size}")
+    chunk = size // chunks
+    batch_C = jax.tree.map(lambda x: x.reshape(chunks, chunk, *x.shape[1:]), batch)
     batch_C = jax.lax.with_sharding_constraint(
         batch_C, jax.tree.map(lambda _: self._sharding(P(DATA)), batch_C))
 
@@ -548,10 +579,13 @@ class StreamEngine:
         state, acts, skeys, scales, forward=True)
     out = self._head(state.outer, acts, batch_C, skeys, scales)
 
-    both = self._losses(out)
+    plus, other, all_losses = self._losses(out)
     eps = jnp.asarray(self.eps, jnp.float32)
-    coeffs = (both[:, 0] - both[:, 1]) / (2 * eps)
-    finite = jnp.all(jnp.isfinite(both)) & jnp.all(jnp.isfinite(coeffs))
+    if self.one_sided:  # the dense `spsa`'s arithmetic, op for op
+      coeffs, loss = (plus - other) / eps, other
+    else:
+      coeffs, loss = (plus - other) / (2 * eps), jnp.mean(all_losses)
+    finite = jnp.all(jnp.isfinite(all_losses)) & jnp.all(jnp.isfinite(coeffs))
     zograd = ZOGrad(key=state.key, step=state.step, coeffs=coeffs.astype(jnp.float32),
                     finite=finite)
 
@@ -560,7 +594,7 @@ class StreamEngine:
         resident=resident, resident_opt=resident_opt, blocks=blocks, blocks_opt=blocks_opt,
         pending=zograd, has_pending=jnp.ones([], bool),
         skipped=state.skipped + (~finite).astype(jnp.int32))
-    return new_state, {"loss": jnp.mean(both), "zograd": zograd}
+    return new_state, {"loss": loss, "zograd": zograd}
 
   def _update_outer(self, outer, outer_opt, zograd: ZOGrad, blocks):
     """This step's update of embed and head (on device), as its own compiled program.
@@ -586,8 +620,12 @@ class StreamEngine:
   # -- public ---------------------------------------------------------------------------
 
   def step(self, state: StreamState, batch):
-    """One ZO step (donates `state`). Returns (state, {"loss", "zograd"})."""
-    state, out = self._jit_step(*self._split(state), batch)
+    """One ZO step (donates `state`). Returns (state, {"loss", "zograd"}).
+
+    The loss is the mean of (L+ + L−)/2 over samples, or L(θ) when one-sided (as `spsa`).
+    """
+    step = self._compiled_step or self._jit_step
+    state, out = step(*self._split(state), batch)
     outer, outer_opt = self._jit_outer(state.outer, state.outer_opt, state.pending, state.blocks)
     return state._replace(outer=outer, outer_opt=outer_opt), out
 
@@ -617,6 +655,15 @@ class StreamEngine:
     """The step lowered for abstract (or concrete) state and batch, with their shardings."""
     return self._jit_step.lower(*self._structs(state_like, batch_like))
 
+  def compile(self, state_like: StreamState, batch_like):
+    """Compiles the step ahead of time; `step` runs this executable from then on.
+
+    Returns it (for `device_bytes` / `memory_analysis`). Later batches must have the same
+    shapes and be placed with `batch_sharding`.
+    """
+    self._compiled_step = self.lower(state_like, batch_like).compile()
+    return self._compiled_step
+
   def jaxpr(self, state_like: StreamState, batch_like):
     """The step's jaxpr, traced with the state's memory kinds (host values typed as such)."""
     return self._jit_step.trace(*self._structs(state_like, batch_like)).jaxpr
@@ -640,20 +687,23 @@ def _unstack(shardings):
                       shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def _check_layout(layout: Layout, num_samples: int) -> None:
+def _check_layout(layout: Layout, num_samples: int, one_sided: bool = False) -> None:
   mesh = layout.mesh
   if tuple(mesh.axis_names) != (PERT, DATA):
     raise ValueError(f"layout mesh axes {tuple(mesh.axis_names)} must be ('pert', 'data')")
   if layout.branch_group not in (1, 2):
     raise ValueError(f"layout branch_group={layout.branch_group} must be 1 or 2")
-  branches = 2 * num_samples
+  if one_sided and layout.branch_group == 1:
+    branches, what = num_samples + 1, "num_samples + 1 (one-sided)"
+  else:
+    branches, what = 2 * num_samples, "2 x num_samples"
   if layout.pert > branches:
-    raise ValueError(f"mesh pert axis size {layout.pert} is larger than 2 x num_samples = "
+    raise ValueError(f"mesh pert axis size {layout.pert} is larger than {what} = "
                      f"{branches} (there are only {branches} SPSA branches to spread)")
   groups = branches // layout.branch_group
   if groups % layout.pert:
     raise ValueError(f"mesh pert axis size {layout.pert} must divide the {groups} branch "
-                     f"groups (2 x num_samples={num_samples} / branch_group="
+                     f"groups ({what} with num_samples={num_samples}, branch_group="
                      f"{layout.branch_group})")
   if layout.data_chunks % layout.data:
     raise ValueError(f"mesh data axis size {layout.data} must divide layout data_chunks="
