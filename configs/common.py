@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.zo.num_samples = 1             # perturbation directions per step (n-SPSA)
   c.zo.one_sided = False
   c.zo.verify_replay = False       # after training, replay the seed log and check bit-equality
+  c.zo.engine = "dense"            # dense (zo.spsa + update) | stream (ZO2: blocks in host memory)
+  c.zo.resident_blocks = 0         # stream: first N blocks kept on device
+  c.zo.memory_kind = "pinned_host"  # stream: where the other blocks rest (or unpinned_host)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100

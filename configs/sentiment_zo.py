@@ -8,6 +8,9 @@ weights are recoverable from the base weights plus `zo_log.json` (`zojax.zo.repl
 Variants (comma-separated in the arg):
   tiny        2-layer random model, a few steps, replay verified: plumbing check on CPU.
   adam        ZO-Adam instead of ZO-SGD.
+  stream      the ZO2 engine (zo.engine='stream'): blocks and their optimizer state rest in
+              host memory and stream through the step; same seed log, checkpoints flushed.
+              With tiny: one device, 1 of the 2 blocks resident (both code paths run).
   n=N         n-SPSA: N perturbation directions per step (the estimate averages them).
   demo        the README demo's MeZO half: 40 steps at lr 1e-5, 400 test sentences.
   k=N, kshot_seed=S, steps=T, lr=X   as in MeZO's grid (its full-parameter OPT runs use
@@ -18,7 +21,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, tiny=False, adam=False, demo=False, n=1, k=16, kshot_seed=0, steps=1000, lr=1e-6)
+  arg = common.parse_arg(arg, tiny=False, adam=False, stream=False, demo=False, n=1, k=16, kshot_seed=0, steps=1000, lr=1e-6)
   c = common.base_config()
   c.task = common.sentiment_task()
   c.task.k = arg.k
@@ -39,6 +42,8 @@ def get_config(arg=None):
     c.train.checkpoint_every = 20
     c.task.eval_limit = 400        # the AdamW demo's 400-sentence test subset
     c.task.eval_splits = ("test",)
+  if arg.stream:
+    c.zo.engine = "stream"
   if arg.tiny:
     c.model.name, c.model.init, c.model.vocab_size = "tiny", "random", 49152
     c.optim.learning_rate = 1e-2 if not arg.adam else 1e-3
@@ -48,4 +53,7 @@ def get_config(arg=None):
     c.train.log_every = 1
     c.train.checkpoint_every = 3
     c.zo.verify_replay = True
+    if arg.stream:
+      c.mesh.axes = (("data", 1), ("model", 1))
+      c.zo.resident_blocks = 1
   return c

@@ -105,6 +105,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(z.num_samples >= 1, "zo.num_samples", z.num_samples, "must be >= 1")
     _require(not o.grad_clip, "optim.grad_clip", o.grad_clip,
              "gradient clipping does not apply to zeroth-order optimizers; set it to 0")
+  _validate_zo_engine(config)
   if o.name in ("galore_adamw", "galore8bit", "natural_galore"):
     _validate_galore(o)
   _require(config.model.init in ("pretrained", "random"), "model.init", config.model.init,
@@ -113,6 +114,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be 'float32' or 'bfloat16'")
   _require(config.model.attention in ("auto", "pallas", "blockwise", "xla"), "model.attention",
            config.model.attention, "must be one of auto, pallas, blockwise, xla")
+
+
+def _validate_zo_engine(config) -> None:
+  z = config.zo
+  _require(z.engine in ("dense", "stream"), "zo.engine", z.engine, "must be 'dense' or 'stream'")
+  if z.engine != "stream":
+    return
+  # The streamed engine has only a layer-wise form of the ZO optimizers.
+  _require(config.optim.name in ("zo_sgd", "zo_adam", "zo_sign"), "zo.engine", z.engine,
+           f"needs optim.name zo_sgd, zo_adam or zo_sign, got {config.optim.name!r}")
+  _require(isinstance(z.resident_blocks, int) and z.resident_blocks >= 0, "zo.resident_blocks",
+           z.resident_blocks, "must be an integer >= 0")
+  _require(z.memory_kind in ("pinned_host", "unpinned_host"), "zo.memory_kind", z.memory_kind,
+           "must be 'pinned_host' or 'unpinned_host'")
 
 
 def _validate_galore(o) -> None:

@@ -5,6 +5,8 @@ results dict; `make_state`, `make_train_step` and `evaluate` are the pieces.
 
 State is built the big_vision way: shapes by `jax.eval_shape`, shardings from logical
 axis rules, a jitted init with `out_shardings`, and a step with donated state.
+Zeroth-order optimizers run the dense ZO step (`make_zo_step`), or with zo.engine='stream'
+the ZO2 engine (`zojax.train.zo_stream_runner`), whose state replaces `TrainState`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from zojax.data import tasks
 from zojax import zo
 from zojax.models import llama
 from zojax.train import checkpoint, config as config_lib, memory, metrics, optimizer, sharding
+from zojax.train import zo_stream_runner
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +87,21 @@ def state_shardings(config, model_cfg: llama.LlamaConfig, tx, mesh):
   return shapes, state_sh
 
 
-def init_state(config, model_cfg: llama.LlamaConfig, tx, state_sh: TrainState) -> TrainState:
-  """The initial TrainState, placed: pretrained weights or a jitted random init."""
-  key = jax.random.key(config.seed)
+def initial_params(config, model_cfg: llama.LlamaConfig, shardings):
+  """The run's starting weights, placed: pretrained weights or a jitted random init."""
   if config.model.init == "pretrained":
     from zojax.models import smollm2  # noqa: PLC0415  (reads a 100 MB file; only when asked)
-    params = jax.device_put(smollm2.load_smollm2()[1], state_sh.params)
-  else:
-    params = jax.jit(functools.partial(llama.init, model_cfg), out_shardings=state_sh.params)(key)
+    return jax.device_put(smollm2.load_smollm2()[1], shardings)
+  return jax.jit(functools.partial(llama.init, model_cfg),
+                 out_shardings=shardings)(jax.random.key(config.seed))
+
+
+def init_state(config, model_cfg: llama.LlamaConfig, tx, state_sh: TrainState) -> TrainState:
+  """The initial TrainState, placed: pretrained weights or a jitted random init."""
+  params = initial_params(config, model_cfg, state_sh.params)
   # Params are arguments, not closed-over constants, so they never land in the HLO.
   return jax.jit(functools.partial(_init_state, tx), out_shardings=state_sh,
-                 donate_argnums=0)(params, key)
+                 donate_argnums=0)(params, jax.random.key(config.seed))
 
 
 def make_state(config, model_cfg, tx, mesh):
@@ -170,6 +177,10 @@ def make_zo_step(model_cfg: llama.LlamaConfig, tx, zo_cfg, state, state_sh, exam
   return ZOStep(compiled, apply), step_memory
 
 
+def _zo_outputs(loss, zograd: zo.ZOGrad) -> dict:
+  return {"loss": loss, "skipped": ~zograd.finite, "projected_grad": jnp.mean(zograd.coeffs)}
+
+
 def zo_train_step(zo_step: ZOStep, state: TrainState, batch, log: zo.ZOLog):
   """One ZO step; appends its (step, coeffs) to `log`. Same outputs as the first-order step."""
   loss, zograd = zo_step.estimate(state.params, batch, state.rng, state.step)
@@ -177,8 +188,14 @@ def zo_train_step(zo_step: ZOStep, state: TrainState, batch, log: zo.ZOLog):
   log.append(zograd)
   state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
                      nonfinite=state.nonfinite + (~zograd.finite).astype(jnp.int32))
-  return state, {"loss": loss, "skipped": ~zograd.finite,
-                 "projected_grad": jnp.mean(zograd.coeffs)}
+  return state, _zo_outputs(loss, zograd)
+
+
+def stream_train_step(run: zo_stream_runner.StreamRun, state, batch, log: zo.ZOLog):
+  """`zo_train_step` for the streamed engine: the same log entry and outputs."""
+  state, out = run.step(state, batch)
+  log.append(out["zograd"])
+  return state, _zo_outputs(out["loss"], out["zograd"])
 
 
 def make_eval_step(model_cfg: llama.LlamaConfig):
@@ -238,15 +255,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         f"config key 'model.vocab_size'={model_cfg.vocab_size} is smaller than the task's "
         f"tokenizer vocabulary ({task.vocab_size})")
   tx = optimizer.build(config.optim, config.train.steps)
-  shapes, state_sh = state_shardings(config, model_cfg, tx, mesh)
   batch_sh = sharding.batch_sharding(mesh)
+  zeroth = optimizer.is_zeroth_order(config.optim)
+  # zo.engine='stream': the ZO2 engine; its state (blocks in host memory) replaces TrainState.
+  streamed = zo_stream_runner.StreamRun(config, model_cfg, mesh) if (
+      zeroth and config.zo.engine == "stream") else None
+  if streamed:
+    _check_pretrained(config)
+    abstract_state = streamed.abstract_state()
+    train_batch_sh = streamed.batch_sharding
+    settle, eval_params, nonfinite_of = streamed.settle, streamed.params, streamed.nonfinite
+  else:
+    shapes, state_sh = state_shardings(config, model_cfg, tx, mesh)
+    abstract_state = checkpoint.abstract(shapes, state_sh)
+    train_batch_sh = batch_sh
+    settle, eval_params = (lambda s: s), (lambda s: s.params)
+    nonfinite_of = lambda s: s.nonfinite
 
   mngr = checkpoint.manager(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-  restored = checkpoint.restore_latest(mngr, checkpoint.abstract(shapes, state_sh))
+  restored = checkpoint.restore_latest(mngr, abstract_state)
   start = 0
-  zeroth = optimizer.is_zeroth_order(config.optim)
   zo_log = zo.ZOLog.start(jax.random.key(config.seed)) if zeroth else None
-  if restored is None:
+  if restored is None and streamed:
+    state = streamed.init(initial_params(config, model_cfg, streamed.params_sharding))
+  elif restored is None:
     state = init_state(config, model_cfg, tx, state_sh)
   else:
     start, state, meta = restored
@@ -260,8 +292,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     log.info("resumed from step %d", start)
   log_file = metrics.MetricsLog(workdir / "metrics.jsonl", resume_step=start)
 
-  example = jax.device_put(task.train_batch(start), batch_sh)
-  if zeroth:
+  example = jax.device_put(task.train_batch(start), train_batch_sh)
+  if streamed:
+    step_memory = streamed.compile(state, example)
+    run_step = functools.partial(stream_train_step, streamed, log=zo_log)
+  elif zeroth:
     zo_step, step_memory = make_zo_step(model_cfg, tx, config.zo, state, state_sh, example,
                                         batch_sh)
     run_step = functools.partial(zo_train_step, zo_step, log=zo_log)
@@ -277,11 +312,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     if zeroth:
       record["zo_log"] = zo_log.to_json()
     return record
+
+  def save(step, *, force):
+    nonlocal state
+    if force or step % config.train.checkpoint_every == 0:
+      state = settle(state)  # streamed: apply the pending update, so no block is stale
+    checkpoint.save(mngr, step, state, meta(), every=config.train.checkpoint_every, force=force)
   eval_step = jax.jit(make_eval_step(model_cfg))
 
   def run_eval(step):
     with mesh:
-      results = evaluate(eval_step, state.params, task, config.train.eval_batch_size, batch_sh)
+      results = evaluate(eval_step, eval_params(state), task, config.train.eval_batch_size,
+                         batch_sh)
     log_file.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
     return results
 
@@ -292,7 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   t0, timed_steps = None, 0
   try:
     for step in range(start, last):
-      batch = jax.device_put(task.train_batch(step), batch_sh)
+      batch = jax.device_put(task.train_batch(step), train_batch_sh)
       state, out = run_step(state, batch)
       done = step + 1
       if done % config.train.log_every == 0 or done % SYNC_EVERY == 0 or done == last:
@@ -300,9 +342,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         if bool(out["skipped"]):
           log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped", done,
                       out["loss"])
-        nonfinite = int(state.nonfinite)
+        nonfinite = int(nonfinite_of(state))
         if nonfinite > config.train.max_nonfinite_steps:
-          checkpoint.save(mngr, done, state, meta(), force=True)
+          save(done, force=True)
           raise FloatingPointError(
               f"{nonfinite} steps had a non-finite loss or gradient, more than "
               f"train.max_nonfinite_steps={config.train.max_nonfinite_steps}; state saved at "
@@ -317,13 +359,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       else:
         timed_steps += 1
       bar.update(1)
-      checkpoint.save(mngr, done, state, meta(), every=config.train.checkpoint_every,
-                      force=done == last)
+      save(done, force=done == last)
       if config.train.eval_every and done % config.train.eval_every == 0 and done != last:
         run_eval(done)
   except KeyboardInterrupt:
     step_now = int(state.step)
-    checkpoint.save(mngr, step_now, state, meta(), force=True)
+    save(step_now, force=True)
     log.warning("interrupted: state saved at step %d", step_now)
     raise
   finally:
@@ -336,7 +377,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if zeroth:
     zo_log.save(workdir / "zo_log.json")
     extra["zo_log_bytes"] = (workdir / "zo_log.json").stat().st_size
-    if config.zo.verify_replay:
+    if config.zo.verify_replay and streamed:
+      initial = initial_params(config, model_cfg, streamed.params_sharding)
+      extra.update(streamed.verify_replay(initial, zo_log, state))
+    elif config.zo.verify_replay:
       initial = init_state(config, model_cfg, tx, state_sh).params
       replayed, _ = zo.replay(initial, zo_log, tx, apply=zo_step.apply)
       extra["replay_bit_identical"] = all(
@@ -347,7 +391,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       "task": task.info,
       "steps": last,
       "halted_early": last != config.train.steps,
-      "nonfinite_steps": int(state.nonfinite),
+      "nonfinite_steps": int(nonfinite_of(state)),
       "initial_eval": initial_eval,
       "final_eval": final,
       "step_memory": step_memory,
