@@ -23,6 +23,10 @@ over T = `--proj-gap`: ((T - 1) * ordinary + refresh) / T. Ratios are to optax.a
 `--torch PYTHON` also times galore-torch's GaLoreAdamW (and torch.optim.AdamW) on the same
 shapes (per-layer [out, in] tensors) in a subprocess run by that interpreter, right after.
 Gradients are fixed random arrays (no model runs): this is the optimizer's time alone.
+`--train-batch BxS` (default 4x256) times the same way whole training steps (forward and
+backward on random tokens, then the update) for AdamW and `--train-optimizers`: GaLore's
+extra work is a fixed cost per step, so its share depends on how much compute the model
+does per step, and this is the ratio a training run sees.
 The script sets OPENBLAS_NUM_THREADS=1 unless it is set: XLA:CPU's SVD and QR call the
 LAPACK that scipy bundles (OpenBLAS), whose threads spin against each other on a small,
 shared CPU (a 512 x 1376 SVD took 16 s with its default threads on the 2-core machine of
@@ -128,12 +132,21 @@ def _random_like(shapes, seed: int, std: float):
                             for k, x in zip(keys, leaves)])
 
 
-def _full_step(tx):
-  """Gradient in, updates applied; params and state donated (as a training step does)."""
-  def step(params, state, grads):
+def _full_step(tx, model_cfg=None):
+  """Updates applied, params and state donated (as a training step does). Without
+  `model_cfg` the step takes a fixed gradient (the optimizer alone); with it, a token batch,
+  and the gradient comes from the model's forward and backward (the whole training step)."""
+  def step(params, state, x):
+    grads = x if model_cfg is None else jax.grad(
+        lambda p: llama.loss_fn(model_cfg, p, x)[0])(params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
   return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _token_batch(vocab: int, batch: int, seq: int) -> dict:
+  tokens = jax.random.randint(jax.random.key(2), (batch, seq + 1), 0, vocab, jnp.int32)
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
 def amortized(ordinary: float, refresh: float, gap: int) -> float:
@@ -141,19 +154,24 @@ def amortized(ordinary: float, refresh: float, gap: int) -> float:
   return ((gap - 1) * ordinary + refresh) / gap
 
 
-def time_steps(shape: str, reps: int, gap: int, names=None) -> dict:
+def time_steps(shape: str, reps: int, gap: int, names=None, batch=None) -> dict:
   """Median seconds per full update, ordinary and refresh steps, interleaved across optimizers
-  (`names`: a subset of `optimizers`; adamw is always timed, as the base)."""
+  (`names`: a subset of `optimizers`; adamw is always timed, as the base). With `batch`
+  (batch size, sequence length) each step is a whole training step on random tokens."""
   rank = RANKS[shape]
-  shapes = llama.param_shapes(llama.get_config(shape))
-  grads = _random_like(shapes, 1, 1e-3)
+  model_cfg = llama.get_config(shape)
+  shapes = llama.param_shapes(model_cfg)
+  if batch is None:
+    grads, model = _random_like(shapes, 1, 1e-3), None
+  else:
+    grads, model = _token_batch(model_cfg.vocab_size, *batch), model_cfg
   runs = {}
   for name, tx in optimizers(rank, NEVER).items():
     if names is not None and name != "adamw" and name not in names:
       continue
-    kinds = {"ordinary": _full_step(tx)}
+    kinds = {"ordinary": _full_step(tx, model)}
     if name not in ("adamw", "adam8bit"):  # they have no refresh
-      kinds["refresh"] = _full_step(optimizers(rank, 1)[name])
+      kinds["refresh"] = _full_step(optimizers(rank, 1)[name], model)
     params = _random_like(shapes, 0, 0.02)
     state = jax.jit(tx.init)(params)
     t0 = time.perf_counter()
@@ -184,7 +202,9 @@ def time_steps(shape: str, reps: int, gap: int, names=None) -> dict:
   for row in out.values():
     row["ordinary_over_adamw"] = round(row["ordinary_s"] / base, 3)
     row["amortized_over_adamw"] = round(row["amortized_s"] / base, 3)
-  return {"shape": shape, "params": llama.get_config(shape).num_params, "rank": rank,
+  return {"shape": shape, "params": model_cfg.num_params, "rank": rank,
+          "what": "optimizer update" if batch is None else
+                  f"training step (forward + backward + update), batch {batch[0]} x {batch[1]}",
           "update_proj_gap": gap, "reps": reps, "backend": jax.default_backend(),
           "cpu_count": os.cpu_count(),
           "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "optimizers": out}
@@ -256,6 +276,17 @@ def time_torch(python: str, shape: str, reps: int) -> dict | None:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def train_step_summary(timing: dict) -> dict:
+  opts = timing["optimizers"]
+  out = {"galore_train_step_over_adamw": opts["galore_adamw"]["amortized_over_adamw"],
+         "train_step_amortized_over_adamw": {k: v["amortized_over_adamw"]
+                                             for k, v in opts.items()}}
+  if "optax_contrib_galore" in opts:
+    out["galore_train_step_over_optax_contrib_galore"] = round(
+        opts["galore_adamw"]["amortized_s"] / opts["optax_contrib_galore"]["amortized_s"], 3)
+  return out
+
+
 def step_time_summary(timing: dict, torch_run: dict | None) -> dict:
   opts = timing["optimizers"]
   gap = timing["update_proj_gap"]
@@ -285,12 +316,18 @@ def main():
   ap.add_argument("--proj-gap", type=int, default=200)
   ap.add_argument("--torch", default=None, help="python with torch + galore-torch")
   ap.add_argument("--optimizers", default=None, help="comma-separated subset to time")
+  ap.add_argument("--train-batch", default="4x256",
+                  help="BATCHxSEQ: also time whole training steps on --time-shape; '' for none")
+  ap.add_argument("--train-optimizers",
+                  default="galore_adamw,galore_adamw_randomized,optax_contrib_galore",
+                  help="comma-separated subset for the training-step timing")
   ap.add_argument("--quick", action="store_true",
                   help="tiny shape, no compiled memory, 1 rep of adamw and galore_adamw")
   ap.add_argument("--out", default=str(RESULTS / "bench_galore.json"))
   args = ap.parse_args()
   if args.quick:
     args.shapes, args.time_shape, args.reps, args.no_compile = "tiny", "tiny", 1, True
+    args.train_batch, args.train_optimizers = "2x16", "galore_adamw"
     args.optimizers = args.optimizers or "galore_adamw"
   out_path = pathlib.Path(args.out)
   # Update only what this run measures, so a timing-only run keeps the memory rows.
@@ -308,6 +345,12 @@ def main():
       timing["galore_torch"] = torch_run
     out["step_time"] = timing
     summary.update(step_time_summary(timing, torch_run))
+  if args.time_shape and args.train_batch:
+    batch = tuple(int(v) for v in args.train_batch.split("x"))
+    train = time_steps(args.time_shape, args.reps, args.proj_gap,
+                       args.train_optimizers.split(","), batch)
+    out["train_step_time"] = train
+    summary.update(train_step_summary(train))
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(out, indent=1))
   print(json.dumps(summary))
