@@ -49,16 +49,18 @@ def place_batch(engine, batch_np):
 
 
 def run(layout, steps=STEPS):
-  """Trains `steps` steps; returns (engine, state)."""
+  """Trains `steps` steps; returns (engine, state, the compiled step it ran)."""
   import jax
 
   engine, params, batch, key = problem()
   engine = engine(layout)
   state = engine.init(params, key)
+  # Compiled ahead of time so a test can read its HLO without compiling it again.
+  compiled = engine.compile(state, place_batch(engine, batch(0)))
   for t in range(steps):
     state, _ = engine.step(state, place_batch(engine, batch(t)))
     jax.block_until_ready(state)  # collectives on fake CPU devices: never run far ahead
-  return engine, state
+  return engine, state, compiled
 
 
 def main(process_id: int, num_processes: int, port: int, out: str) -> None:
@@ -73,7 +75,7 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
   from zojax.zo import parallel
 
   assert jax.device_count() == 4 * num_processes, jax.devices()
-  engine, state = run(parallel.make_layout(*MESH, **LAYOUT))
+  _, state, _ = run(parallel.make_layout(*MESH, **LAYOUT))
   leaves = (state.outer, state.blocks, state.blocks_opt, state.pending.coeffs)
   flat = {jax.tree_util.keystr(path): leaf for path, leaf in
           jax.tree_util.tree_flatten_with_path(leaves)[0]}
