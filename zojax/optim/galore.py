@@ -26,8 +26,7 @@ Learning-rate convention (the official one): projected leaves train at lr * scal
 full-rank ones at lr. The paper's pre-training runs use lr 0.01, scale 0.25, T 200.
 
 The down and up projections go through `zojax.kernels.projection` (`implementation`: "auto"
-picks its Pallas kernel on GPU where the shapes tile, `jnp` matmuls elsewhere);
-`project_reference` and `project_back_reference` below are the same math for one matrix.
+picks its Pallas kernel on GPU where the shapes tile, `jnp` matmuls elsewhere).
 """
 
 from __future__ import annotations
@@ -236,28 +235,10 @@ def _from_matrix(x, p: _LeafPlan, dtype):
 
 
 # ---------------------------------------------------------------------------------------
-# Projection math: the reference path (one matrix; batch axes are vmapped by the caller).
-# `proj` is a dict with "left": P [m, r] and/or "right": Q [r, n] (rows of V^T, as torch).
-
-
-def project_reference(g_MxN, proj: dict, side: str):
-  """R = P^T G (left), G Q^T (right) or P^T G Q^T (full). GaLore Alg. 2, line 'R_t'."""
-  if side == "left":
-    return proj["left"].T @ g_MxN
-  if side == "right":
-    return g_MxN @ proj["right"].T
-  return proj["left"].T @ g_MxN @ proj["right"].T
-
-
-def project_back_reference(n_low, proj: dict, side: str, scale):
-  """G~ = scale * P N (left), N Q (right) or P N Q (full). GaLore Alg. 2, line 'G~_t'."""
-  if side == "left":
-    full = proj["left"] @ n_low
-  elif side == "right":
-    full = n_low @ proj["right"]
-  else:
-    full = proj["left"] @ n_low @ proj["right"]
-  return scale * full
+# Projection math, through `zojax.kernels.projection` (its `project_reference` and
+# `project_back_reference` are the same math in plain jnp). `proj` is a dict with
+# "left": P [m, r] and/or "right": Q [r, n] (rows of V^T, as torch): R = P^T G, G Q^T or
+# P^T G Q^T (GaLore Alg. 2, line 'R_t'); back, G~ = scale * P N, N Q or P N Q ('G~_t').
 
 
 def _flat_batch(x, p: _LeafPlan):
@@ -266,7 +247,7 @@ def _flat_batch(x, p: _LeafPlan):
 
 
 def _project(g, proj: dict, p: _LeafPlan, implementation: str):
-  """`project_reference` on [*batch, m, n] through the projection kernels."""
+  """R on [*batch, m, n] through the projection kernels."""
   run = lambda x, side, q: projection.project(_flat_batch(x, p), _flat_batch(q, p), side,
                                               implementation=implementation)
   out = g
@@ -279,7 +260,7 @@ def _project(g, proj: dict, p: _LeafPlan, implementation: str):
 
 
 def _project_back(n_low, proj: dict, p: _LeafPlan, scale, implementation: str):
-  """`project_back_reference` on [*batch, ., .] through the projection kernels."""
+  """G~ = scale * (P N | N Q | P N Q) on [*batch, ., .] through the projection kernels."""
   run = lambda x, side, q, a: projection.project_back(
       _flat_batch(x, p), _flat_batch(q, p), side, a, implementation=implementation)
   out = n_low
