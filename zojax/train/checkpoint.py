@@ -21,15 +21,18 @@ def manager(directory: pathlib.Path, *, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *,
-         every: int = 1, force: bool = False) -> bool:
-  """Writes a checkpoint when `step` is a multiple of `every`, or when forced.
+def due(mngr: ocp.CheckpointManager, step: int, *, every: int = 1, force: bool = False) -> bool:
+  """Whether `save` would write at `step`: a multiple of `every`, or forced, and not written.
 
   (Orbax's own interval logic also saves the first step it sees; ours is exact.)
   """
-  if not force and step % every:
-    return False
-  if mngr.latest_step() == step:
+  return (force or step % every == 0) and mngr.latest_step() != step
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *,
+         every: int = 1, force: bool = False) -> bool:
+  """Writes a checkpoint when `due`; returns whether it wrote."""
+  if not due(mngr, step, every=every, force=force):
     return False
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)

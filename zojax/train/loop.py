@@ -315,9 +315,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   def save(step, *, force):
     nonlocal state
-    if force or step % config.train.checkpoint_every == 0:
+    if checkpoint.due(mngr, step, every=config.train.checkpoint_every, force=force):
       state = settle(state)  # streamed: apply the pending update, so no block is stale
-    checkpoint.save(mngr, step, state, meta(), every=config.train.checkpoint_every, force=force)
+      checkpoint.save(mngr, step, state, meta(), force=True)
   eval_step = jax.jit(make_eval_step(model_cfg))
 
   def run_eval(step):
