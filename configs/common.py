@@ -7,12 +7,25 @@ def parse_arg(arg, **defaults):
   """`arg` like "tiny" or "k=512,seed=3" -> ConfigDict of `defaults` updated (big_vision style)."""
   out = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep:
-      key, value = item, True
+    key, sep, text = item.partition("=")
     if key not in out:
       raise ValueError(f"config arg {key!r} is not one of {sorted(out)}")
-    out[key] = type(out[key])(value) if not isinstance(value, bool) else value
+    kind = type(out[key])
+    if kind is bool:
+      # Strict: bool("False") is True, and a typo must not silently mean True.
+      if not sep or text in ("true", "True", "1"):
+        out[key] = True
+      elif text in ("false", "False", "0"):
+        out[key] = False
+      else:
+        raise ValueError(f"config arg {key!r}={text!r} is not a boolean (true/false/1/0)")
+    elif not sep:
+      raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
+    else:
+      try:
+        out[key] = kind(text)
+      except ValueError:
+        raise ValueError(f"config arg {key!r}={text!r} is not of type {kind.__name__}") from None
   return out
 
 

@@ -34,7 +34,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config: {path} defines no get_config(arg)")
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except ValueError as e:  # a bad `:arg` (configs/common.parse_arg names the field)
+    raise ConfigError(f"--config {spec}: {str(e).splitlines()[0]}") from None
   config.lock()
   return config
 
