@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zojax.errors import ConfigError
 from zojax.kernels import attention as attention_lib
-from zojax.models import protocol
+from zojax.models import interface, protocol, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,11 +170,6 @@ def rope(x_BxTxHxD, theta: float):
   return out.astype(x_BxTxHxD.dtype)
 
 
-def causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
-  """Grouped-query causal softmax attention, naive; H query heads share K = H/G kv heads."""
-  return attention_lib.attention_reference(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, causal=True)
-
-
 # ---------------------------------------------------------------------------------------
 # Block protocol
 
@@ -266,6 +262,50 @@ def make(config: LlamaConfig) -> protocol.BlockModel:
       block=functools.partial(block, config),
       head=functools.partial(head, config),
   )
+
+
+def model(config: LlamaConfig, *, name: str = "llama", remat: bool = False,
+          pretrained=None) -> interface.Model:
+  """This decoder as a `zojax.models.Model` (stateless, with its block view)."""
+  return interface.from_block_model(
+      name, make(config), init=functools.partial(init, config), axes=param_axes(config),
+      remat=remat, pretrained=pretrained,
+      info=dataclasses.asdict(config) | {"num_params": config.num_params})
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def config_from(cfg, task=None) -> LlamaConfig:
+  """The `LlamaConfig` a config's model block names (model.name, vocab_size, dtype, attention).
+
+  Raises `ConfigError` naming the key for a bad value, or when the task's tokenizer has
+  more tokens than the model's vocabulary.
+  """
+  if cfg.get("init", "random") not in ("pretrained", "random"):
+    raise ConfigError(f"config key 'model.init'={cfg.init!r}: must be 'pretrained' or 'random'")
+  if cfg.get("dtype", "float32") not in DTYPES:
+    raise ConfigError(f"config key 'model.dtype'={cfg.dtype!r}: must be one of {DTYPES}")
+  if cfg.get("attention", "xla") not in attention_lib.IMPLEMENTATIONS:
+    raise ConfigError(f"config key 'model.attention'={cfg.attention!r}: must be one of "
+                      f"{attention_lib.IMPLEMENTATIONS}")
+  overrides = {k: cfg[k] for k in ("dtype", "attention") if k in cfg}
+  if cfg.get("vocab_size"):
+    overrides["vocab_size"] = cfg.vocab_size
+  config = get_config(cfg.name, **overrides)
+  vocab = getattr(task, "vocab_size", 0) or 0
+  if vocab > config.vocab_size:
+    raise ConfigError(f"config key 'model.vocab_size'={config.vocab_size} is smaller than the "
+                      f"task's tokenizer vocabulary ({vocab})")
+  return config
+
+
+@registry.register(*(name for name in CONFIGS if name != "smollm2-135m"))
+def _registered(cfg, task=None) -> interface.Model:
+  if cfg.get("init", "random") == "pretrained":
+    raise ConfigError(f"config key 'model.init'='pretrained' needs a model with published "
+                      f"weights (smollm2-135m), got model.name={cfg.name!r}")
+  return model(config_from(cfg, task), name=cfg.name, remat=cfg.get("remat", False))
 
 
 def loss_fn(config: LlamaConfig, params, batch, *, remat: bool = False):

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from zojax.data import gguf_file
-from zojax.models import llama
+from zojax.errors import ConfigError
+from zojax.models import interface, llama, registry
 
 CONFIG_NAME = "smollm2-135m"
 
@@ -127,3 +128,18 @@ def load_smollm2(dtype=jnp.float32, *, path: str | os.PathLike | None = None):
   except ValueError as e:
     raise ValueError(f"{path} (config {CONFIG_NAME!r}): {e}") from None
   return config, params_from_gguf(f, config, dtype)
+
+
+@registry.register(CONFIG_NAME)
+def _registered(cfg, task=None) -> interface.Model:
+  """SmolLM2-135M: its GGUF weights with model.init='pretrained', else a random init."""
+  config = llama.config_from(cfg, task)
+  pretrained = None
+  if cfg.get("init", "pretrained") == "pretrained":
+    if config.vocab_size != llama.CONFIGS[CONFIG_NAME].vocab_size:
+      raise ConfigError(f"config key 'model.vocab_size'={config.vocab_size}: the pretrained "
+                        f"weights have {llama.CONFIGS[CONFIG_NAME].vocab_size} tokens")
+    # Dequantized to float32; `config.dtype` is the compute dtype, as for a random init.
+    pretrained = lambda: load_smollm2()[1]
+  return llama.model(config, name=CONFIG_NAME, remat=cfg.get("remat", False),
+                     pretrained=pretrained)
