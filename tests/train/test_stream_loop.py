@@ -9,9 +9,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from zojax import zo
+from zojax import models, zo
 from zojax.models import llama
-from zojax.train import config as config_lib, loop, sharding, zo_stream_runner
+from zojax.train import config as config_lib, engines, loop, optimizer, sharding
+from zojax.train.engines import streamed_zo
 
 CONFIG = "configs/sentiment_zo.py:tiny,stream"
 N = 2
@@ -72,11 +73,11 @@ def test_stream_run_resumes_bit_identical_from_flushed_checkpoints(tmp_path, com
   # Checkpoints are never stale: the one at N holds the weights after N updates, i.e. the
   # dense replay of the log's first N entries (a checkpoint one update behind fails this).
   config = _config()
-  model_cfg = loop.model_config(config)
-  initial = jax.device_get(loop.initial_params(config, model_cfg, None))
+  model = models.build(config.model)
+  initial = jax.device_get(model.init(jax.random.key(config.seed)))
   log = zo.ZOLog.load(straight / "zo_log.json")
   log.steps, log.coeffs, log.finite = log.steps[:N], log.coeffs[:N], log.finite[:N]
-  tx = zo_stream_runner.layerwise(config.optim, config.train.steps).dense
+  tx = optimizer.build(config.optim, config.train.steps)
   want, _ = zo.replay(initial, log, tx)
   ck = _checkpoint(resumed, N)
   assert not bool(ck["has_pending"])
@@ -84,7 +85,7 @@ def test_stream_run_resumes_bit_identical_from_flushed_checkpoints(tmp_path, com
                               jax.tree.leaves(_flushed_params(ck)), jax.tree.leaves(initial)):
     moved = np.abs(np.asarray(w) - p0).max()
     assert moved > 0, jax.tree_util.keystr(path)
-    assert np.abs(np.asarray(w) - g).max() <= zo_stream_runner.REPLAY_RTOL * moved, \
+    assert np.abs(np.asarray(w) - g).max() <= streamed_zo.REPLAY_RTOL * moved, \
         jax.tree_util.keystr(path)
 
   # The whole run replays with the dense update; memory is the streamed step's.
@@ -93,9 +94,10 @@ def test_stream_run_resumes_bit_identical_from_flushed_checkpoints(tmp_path, com
   # Host memory holds the streamed block (1 of 2 resident) and its optimizer state (ZO-SGD:
   # the schedule's step count), read and written back.
   nbytes = lambda tree: sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(tree))
-  abstract = zo_stream_runner.StreamRun(config, model_cfg, sharding.make_mesh(
+  abstract = engines.build(config, model, sharding.make_mesh(
       [tuple(a) for a in config.mesh.axes])).abstract_state()
-  block = nbytes(llama.param_shapes(model_cfg)["blocks"]) // model_cfg.num_layers
+  cfg = llama.CONFIGS["tiny"]
+  block = nbytes(llama.param_shapes(cfg)["blocks"]) // cfg.num_layers
   assert nbytes(abstract.blocks) == block
   assert mem["host_bytes"] == 2 * nbytes((abstract.blocks, abstract.blocks_opt)), mem
   assert 0 < mem["device_bytes"] == mem["peak_bytes"]
@@ -119,7 +121,7 @@ def test_first_order_optimizer_with_stream_engine_is_refused():
 def test_stream_variant_builds_the_layerwise_twin_of_the_dense_optimizer():
   for spec, direction in ((CONFIG, "mean"), (CONFIG + ",adam", "mean")):
     config = _config(spec=spec)
-    update = zo_stream_runner.layerwise(config.optim, config.train.steps)
+    update = optimizer.layerwise(config.optim, config.train.steps)
     assert config.zo.engine == "stream" and update.direction == direction
   config = _config("optim.name=zo_sign", "optim.weight_decay=0.1")
-  assert zo_stream_runner.layerwise(config.optim, 4).direction == "sign"
+  assert optimizer.layerwise(config.optim, 4).direction == "sign"

@@ -63,7 +63,20 @@ def build(cfg, total_steps: int) -> optax.GradientTransformation:
     raise ValueError(f"optim.name={cfg.name!r} is not one of {OPTIMIZERS}")
   if cfg.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
-  return tx
+  # A non-finite loss or gradient leaves params and state as they were, and is counted.
+  return zo_optim.skip_nonfinite(tx)
+
+
+def layerwise(cfg, total_steps: int):
+  """The layer-wise form of the ZO optimizer `cfg` names, for the streamed engine."""
+  from zojax.zo import stream  # noqa: PLC0415
+  lr = schedule(cfg, total_steps)
+  if cfg.name == "zo_sgd":
+    return stream.layerwise_sgd(lr, momentum=cfg.momentum or None, weight_decay=cfg.weight_decay)
+  if cfg.name == "zo_adam":
+    return stream.layerwise_adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+  return stream.layerwise_sign(lr, weight_decay=cfg.weight_decay)
 
 
 def _galore(cfg, lr) -> optax.GradientTransformation:
