@@ -10,8 +10,8 @@ import optax
 
 from zojax import optim
 
-A8 = importlib.import_module("zojax.optim.adam8bit")
-NG = importlib.import_module("zojax.optim.natural_galore")
+from zojax.optim import adam8bit_transform as A8
+from zojax.optim import natural_galore_transform as NG
 
 
 def test_codebooks_are_256_sorted_codes_spanning_the_range():

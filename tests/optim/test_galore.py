@@ -13,7 +13,7 @@ import pytest
 from zojax import optim
 from zojax.models import llama
 
-G = importlib.import_module("zojax.optim.galore")  # `zojax.optim.galore` is also a function
+from zojax.optim import galore_transform as G
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "galore_torch_adamw.npz"
 NAMES = ("w_tall", "w_wide", "b")

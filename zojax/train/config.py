@@ -129,8 +129,9 @@ def _validate_zo_engine(config) -> None:
 
 
 def _validate_galore(o) -> None:
-  # zojax.optim re-exports the function `galore`, which shadows the module of that name.
-  from zojax.optim.galore import MOMENT_POLICIES, PROJ_TYPES, PROJECTOR_METHODS  # noqa: PLC0415
+  # Imported here: loading and checking a config needs no jax otherwise.
+  from zojax.optim.galore_transform import (  # noqa: PLC0415
+      MOMENT_POLICIES, PROJ_TYPES, PROJECTOR_METHODS)
   _require("galore" in o, "optim.galore", None,
            f"optim.name={o.name!r} needs an optim.galore block (configs/common.galore_settings)")
   g = o.galore

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import optax
 
-from zojax.optim.adam8bit import adam8bit
-from zojax.optim.galore import galore8bit, galore_adamw
-from zojax.optim.natural_galore import natural_galore
+from zojax.optim.adam8bit_transform import adam8bit
+from zojax.optim.galore_transform import galore8bit, galore_adamw
+from zojax.optim.natural_galore_transform import natural_galore
 from zojax.optim import zo as zo_optim
 from zojax.optim.masks import decay_mask
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import optax
 
-from zojax.optim.galore import (galore_chain, scale_by_adam_torch, scale_by_galore,
+from zojax.optim.galore_transform import (galore_chain, scale_by_adam_torch, scale_by_galore,
                                 takes_galore_args)
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from zojax.kernels import projection
-from zojax.optim.adam8bit import scale_by_adam8bit
+from zojax.optim.adam8bit_transform import scale_by_adam8bit
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 MOMENT_POLICIES = ("keep", "reset", "reproject")
