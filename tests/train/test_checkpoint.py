@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from zojax.train import checkpoint
-from zojax.train.config import ConfigError
+from zojax.errors import ConfigError
 
 
 def _state(step):

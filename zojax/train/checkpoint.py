@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from zojax.train.config import ConfigError
+from zojax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
