@@ -10,10 +10,10 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from zojax.data import batching, corpus, sentiment
+from zojax.data import batching, corpus, sentiment, synthetic
 from zojax.data.tokenizer import smollm2_tokenizer
 
-TASKS = ("sentiment", "corpus")
+TASKS = ("sentiment", "corpus", "oriented_bars")
 eval_batches = batching.eval_batches
 
 # Encoded fields the model reads; the rest (e.g. `truncated`) is bookkeeping.
@@ -79,9 +79,27 @@ def _corpus(cfg, batch_size: int, seed: int) -> Task:
               {"validation": _lm_rows(val)}, info)
 
 
+def _oriented_bars(cfg, batch_size: int, seed: int) -> Task:
+  """Synthetic images (`synthetic.oriented_bars`): train, validation and test drawn from
+  independent streams of `cfg.data_seed`, so the sets are fixed while `seed` shuffles."""
+  draw = lambda n, stream: synthetic.oriented_bars(
+      n, size=cfg.image_size, bar_length=cfg.bar_length, noise=cfg.noise,
+      seed=cfg.data_seed, stream=stream)
+  train = draw(cfg.num_train, 0)
+  evals = {"validation": draw(cfg.num_eval, 1), "test": draw(cfg.num_eval, 2)}
+  info = {"name": "oriented_bars", "num_classes": synthetic.NUM_CLASSES,
+          "image_size": cfg.image_size, "noise": cfg.noise, "data_seed": cfg.data_seed,
+          "sizes": {"train": cfg.num_train, **{k: cfg.num_eval for k in evals}}}
+  return Task("oriented_bars", 0,
+              lambda step: batching.batches(train, batch_size, seed=seed, step=step),
+              evals, info)
+
+
 def build(cfg, *, batch_size: int, seed: int) -> Task:
   if cfg.name == "sentiment":
     return _sentiment(cfg, batch_size, seed)
   if cfg.name == "corpus":
     return _corpus(cfg, batch_size, seed)
+  if cfg.name == "oriented_bars":
+    return _oriented_bars(cfg, batch_size, seed)
   raise ValueError(f"config key 'task.name'={cfg.name!r} is not one of {TASKS}")
