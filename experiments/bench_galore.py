@@ -39,6 +39,7 @@ one-line JSON summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -66,13 +67,16 @@ NEVER = 2 ** 30  # an update_proj_gap no timed run reaches: only ordinary steps
 
 def optimizers(rank: int, update_proj_gap: int = 200) -> dict:
   g = dict(rank=rank, update_proj_gap=update_proj_gap, scale=0.25)
+  settings = optim.GaLoreSettings(rank=rank, update_proj_gap=update_proj_gap, history=20)
+  ours = dict(scale=0.25, settings=settings)
+  randomized = dict(ours, settings=dataclasses.replace(settings, projector="randomized"))
   return {
       "adamw": optax.adamw(1e-3, mask=decay_mask),
       "adam8bit": optim.adam8bit(1e-3),
-      "galore_adamw": optim.galore_adamw(1e-2, **g),
-      "galore_adamw_randomized": optim.galore_adamw(1e-2, projector="randomized", **g),
-      "galore8bit": optim.galore8bit(1e-2, **g),
-      "natural_galore": optim.natural_galore(1e-2, history=20, **g),
+      "galore_adamw": optim.galore_adamw(1e-2, **ours),
+      "galore_adamw_randomized": optim.galore_adamw(1e-2, **randomized),
+      "galore8bit": optim.galore8bit(1e-2, **ours),
+      "natural_galore": optim.natural_galore(1e-2, **ours),
       "optax_contrib_galore": optax.contrib.galore(1e-2, **g),
   }
 
@@ -263,7 +267,7 @@ def time_torch(python: str, shape: str, reps: int) -> dict | None:
     print(f"--torch {python}: no such interpreter; galore-torch not timed", flush=True)
     return None
   shapes = llama.param_shapes(llama.get_config(shape))
-  names = optim.galore_plan(shapes, rank=RANKS[shape])
+  names = optim.galore_plan(shapes, optim.GaLoreSettings(rank=RANKS[shape]))
   spec = [[name, list(x.shape), not names[name].startswith("full rank")]
           for name, x in zip(names, jax.tree.leaves(shapes))]
   cfg = json.dumps({"params": spec, "rank": RANKS[shape], "reps": reps})

@@ -23,6 +23,7 @@ a one-line JSON summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -51,7 +52,10 @@ RANK, GAP, SCALE = 48, 100, 0.25
 def optimizers(steps: int) -> dict:
   def sched(peak):
     return optax.warmup_cosine_decay_schedule(0.0, peak, max(steps // 10, 1), steps, 0.1 * peak)
-  g = dict(rank=RANK, update_proj_gap=GAP, scale=SCALE)
+  settings = optim.GaLoreSettings(rank=RANK, update_proj_gap=GAP, history=20)
+  g = dict(scale=SCALE, settings=settings)
+  randomized = dict(g, settings=dataclasses.replace(settings, projector="randomized",
+                                                    power_iters=1))
   return {
       "adamw": optax.adamw(sched(1e-3), weight_decay=0.0, mask=decay_mask),
       # GaLore's embeddings, norms and head train at its full lr 1e-2: AdamW at that lr too.
@@ -60,10 +64,9 @@ def optimizers(steps: int) -> dict:
       "adamw_lr3e-3": optax.adamw(sched(3e-3), weight_decay=0.0, mask=decay_mask),
       "adam8bit": optim.adam8bit(sched(1e-3)),
       "galore": optim.galore_adamw(sched(1e-2), **g),
-      "galore_randomized": optim.galore_adamw(sched(1e-2), projector="randomized",
-                                              power_iters=1, **g),
+      "galore_randomized": optim.galore_adamw(sched(1e-2), **randomized),
       "galore8bit": optim.galore8bit(sched(1e-2), **g),
-      "natural_galore": optim.natural_galore(sched(1e-2), history=20, damping=1e-3, **g),
+      "natural_galore": optim.natural_galore(sched(1e-2), damping=1e-3, **g),
   }
 
 

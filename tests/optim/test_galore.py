@@ -1,9 +1,12 @@
 """GaLore: galore-torch's numbers, the SGD identity, per-layer projection of stacked leaves,
-refresh semantics (signs, subspace, non-finite SVD, moment policies), bad input."""
+refresh semantics (signs, subspace, non-finite SVD, moment policies), bad input. Updates run
+under jax.jit, as optax's tests run them."""
 
+import dataclasses
 import importlib
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 from zojax import optim
 from zojax.models import llama
 
+from zojax.optim import adam8bit_transform as A8
 from zojax.optim import galore_transform as G
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "galore_torch_adamw.npz"
@@ -27,11 +31,12 @@ def _rel(a, b, ref):
 def _replay(data, proj_type):
   """zojax's galore_adamw on the fixture's gradients; parameters after every step."""
   meta = eval(str(data["meta"]))  # noqa: S307  (our own fixture: a dict repr)
+  settings = optim.GaLoreSettings(rank=meta["rank"], update_proj_gap=meta["update_proj_gap"],
+                                  proj_type=proj_type, weight_dimension_numbers=DN)
   tx = optim.galore_adamw(meta["lr"], b1=meta["betas"][0], b2=meta["betas"][1], eps=meta["eps"],
-                          rank=meta["rank"], update_proj_gap=meta["update_proj_gap"],
-                          scale=meta["scale"], proj_type=proj_type, weight_dimension_numbers=DN)
+                          scale=meta["scale"], settings=settings)
   params = {k: jnp.asarray(data[f"init_{k}"]) for k in NAMES}
-  state = tx.init(params)
+  state = jax.jit(tx.init)(params)
   update = jax.jit(tx.update)
   out = []
   for t in range(meta["steps"]):
@@ -97,14 +102,14 @@ def test_full_rank_with_identity_inner_is_sgd(proj_type, projector):
   """rank = min(m, n), inner = identity, scale 1, refresh every step: P P^T G = G, so SGD."""
   rng = np.random.default_rng(0)
   params = _stacked_params(rng)
-  tx = optim.galore(0.1, optax.identity(), rank=8, update_proj_gap=1, scale=1.0,
-                    proj_type=proj_type, projector=projector)
-  state, update = tx.init(params), jax.jit(tx.update)
+  tx = optim.galore(0.1, optax.identity(), scale=1.0, settings=optim.GaLoreSettings(
+      rank=8, update_proj_gap=1, proj_type=proj_type, projector=projector))
+  state, update = jax.jit(tx.init)(params), jax.jit(tx.update)
   for _ in range(2):
     grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
     updates, state = update(grads, state, params)
-    for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
-      np.testing.assert_allclose(u, -0.1 * g, rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.1 * g, grads),
+                                rtol=2e-4, atol=2e-5)
 
 
 def test_stacked_leaf_is_projected_per_layer():
@@ -112,22 +117,23 @@ def test_stacked_leaf_is_projected_per_layer():
   rng = np.random.default_rng(1)
   stacked = {"wq": jnp.asarray(rng.standard_normal((3, 12, 8)), jnp.float32)}
   split = {f"wq{l}": stacked["wq"][l] for l in range(3)}
-  kw = dict(rank=3, update_proj_gap=2)
-  tx_s, tx_p = optim.galore_adamw(1e-2, **kw), optim.galore_adamw(
-      1e-2, weight_dimension_numbers=G.GaLoreDimensionNumbers(), **kw)
-  s_s, s_p = tx_s.init(stacked), tx_p.init(split)
+  settings = optim.GaLoreSettings(rank=3, update_proj_gap=2)
+  tx_s = optim.galore_adamw(1e-2, settings=settings)
+  tx_p = optim.galore_adamw(1e-2, settings=dataclasses.replace(
+      settings, weight_dimension_numbers=G.GaLoreDimensionNumbers()))
+  s_s, s_p = jax.jit(tx_s.init)(stacked), jax.jit(tx_p.init)(split)
   up_s, up_p = jax.jit(tx_s.update), jax.jit(tx_p.update)
   for _ in range(3):
     g = jnp.asarray(rng.standard_normal((3, 12, 8)), jnp.float32)
     u_s, s_s = up_s({"wq": g}, s_s, stacked)
     u_p, s_p = up_p({f"wq{l}": g[l] for l in range(3)}, s_p, split)
-    for l in range(3):
-      np.testing.assert_allclose(u_s["wq"][l], u_p[f"wq{l}"], rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(list(u_s["wq"]), [u_p[f"wq{l}"] for l in range(3)],
+                                rtol=1e-5, atol=1e-7)
 
 
 def test_default_plan_projects_attention_and_mlp_kernels_only():
   params = llama.param_shapes(llama.get_config("tiny"))
-  plan = optim.galore_plan(params, rank=8)
+  plan = optim.galore_plan(params, optim.GaLoreSettings(rank=8))
   projected = {k for k, v in plan.items() if not v.startswith("full rank")}
   assert projected == {f"['blocks']['{k}']" for k in
                        ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
@@ -135,10 +141,12 @@ def test_default_plan_projects_attention_and_mlp_kernels_only():
   # std reduces the smaller side, per layer: w_up [2, 64, 128] -> [2, 8, 128].
   assert plan["['blocks']['w_up']"] == "left: 2 x [64, 128] -> [8, 128]"
   assert plan["['blocks']['w_down']"] == "right: 2 x [128, 64] -> [128, 8]"
-  state = jax.eval_shape(optim.galore_adamw(1e-2, rank=8).init, params)
+  tx = optim.galore_adamw(1e-2, settings=optim.GaLoreSettings(rank=8))
+  state = jax.eval_shape(tx.init, params)
   mu = state[0].inner_state.mu["blocks"]
-  assert mu["w_up"].shape == (2, 8, 128) and mu["w_down"].shape == (2, 128, 8)
-  assert state[0].projectors["blocks"]["w_up"]["left"].shape == (2, 64, 8)
+  chex.assert_shape([mu["w_up"], mu["w_down"]], [(2, 8, 128), (2, 128, 8)])
+  chex.assert_shape(state[0].projectors.left["blocks"]["w_up"], (2, 64, 8))
+  assert state[0].projectors.right["blocks"]["w_up"] is None
 
 
 def test_canonical_signs_make_the_projector_sign_free():
@@ -163,13 +171,13 @@ def test_update_at_a_refresh_lies_in_the_new_subspace():
   span(P_new), and P_new spans G_T's top-r left singular vectors."""
   rng = np.random.default_rng(3)
   params = {"w": jnp.zeros((8, 20), jnp.float32)}
-  tx = optim.galore_adamw(1.0, rank=3, update_proj_gap=3, scale=1.0,
-                          weight_dimension_numbers=G.GaLoreDimensionNumbers())
-  state, update = tx.init(params), jax.jit(tx.update)
+  tx = optim.galore_adamw(1.0, scale=1.0, settings=optim.GaLoreSettings(
+      rank=3, update_proj_gap=3, weight_dimension_numbers=G.GaLoreDimensionNumbers()))
+  state, update = jax.jit(tx.init)(params), jax.jit(tx.update)
   for t in range(4):
     g = _lowrank_grad(rng, 8, 20)
     u, state = update({"w": g}, state, params)
-  p = np.asarray(state[0].projectors["w"]["left"])  # refreshed at t = 3 from g
+  p = np.asarray(state[0].projectors.left["w"])  # refreshed at t = 3 from g
   u = np.asarray(u["w"])
   assert np.linalg.norm(u - p @ (p.T @ u)) < 1e-5 * np.linalg.norm(u)
   top = np.linalg.svd(np.asarray(g))[0][:, :3]
@@ -190,80 +198,149 @@ def test_randomized_projector_is_close_to_optimal():
 def test_non_finite_svd_keeps_the_old_projector_and_counts(monkeypatch):
   rng = np.random.default_rng(5)
   params = {"w": jnp.zeros((3, 8, 6), jnp.float32)}
-  tx = optim.galore_adamw(1e-2, rank=2, update_proj_gap=2,
-                          weight_dimension_numbers=G.GaLoreDimensionNumbers(batch_axes=(0,)))
-  state = tx.init(params)
-  state = tx.update({"w": jnp.asarray(rng.standard_normal((3, 8, 6)), jnp.float32)}, state,
-                    params)[1]
-  before = state[0].projectors["w"]["right"]
   real = G._exact_projector
 
-  def poisoned(g, side, rank):  # layer 1's SVD fails
+  def poisoned(g, side, rank):  # the SVD of a layer whose gradient starts with 123 fails
     out = real(g, side, rank)
     bad = jnp.any(g[0, 0] == 123.0)
     return jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), out)
+  # Patched before the first trace: jit caches traces by function, not by jit wrapper.
   monkeypatch.setattr(G, "_exact_projector", poisoned)
-  g = jnp.asarray(rng.standard_normal((3, 8, 6)), jnp.float32)
-  state = tx.update({"w": g}, state, params)[1]  # step 1: no refresh
-  g = g.at[1, 0, 0].set(123.0)
-  u, state = tx.update({"w": g}, state, params)  # step 2: refresh
-  after = state[0].projectors["w"]["right"]
+  tx = optim.galore_adamw(1e-2, settings=optim.GaLoreSettings(
+      rank=2, update_proj_gap=2,
+      weight_dimension_numbers=G.GaLoreDimensionNumbers(batch_axes=(0,))))
+  state, update = jax.jit(tx.init)(params), jax.jit(tx.update)
+  draw = lambda: jnp.asarray(rng.standard_normal((3, 8, 6)), jnp.float32)
+  state = update({"w": draw()}, state, params)[1]  # step 0: refresh, all layers fine
+  before = state[0].projectors.right["w"]
+  state = update({"w": draw()}, state, params)[1]  # step 1: no refresh
+  u, state = update({"w": draw().at[1, 0, 0].set(123.0)}, state, params)  # step 2: refresh
+  after = state[0].projectors.right["w"]
   assert int(state[0].svd_failures) == 1
-  np.testing.assert_array_equal(after[1], before[1])
-  assert not np.allclose(after[0], before[0]) and bool(jnp.all(jnp.isfinite(u["w"])))
+  chex.assert_trees_all_equal(after[1], before[1])
+  assert not np.allclose(after[0], before[0])
+  chex.assert_tree_all_finite(u)
 
 
 def test_non_finite_gradient_is_skipped_and_counted():
   rng = np.random.default_rng(6)
   params = _stacked_params(rng)
-  tx = optim.galore_adamw(1e-2, rank=4, update_proj_gap=1)
+  tx = optim.galore_adamw(1e-2, settings=optim.GaLoreSettings(rank=4, update_proj_gap=1))
   update = jax.jit(tx.update)
   good = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
-  _, state = update(good, tx.init(params), params)
+  _, state = update(good, jax.jit(tx.init)(params), params)
   bad = jax.tree.map(lambda x: x, good)
   bad["blocks"]["wq"] = bad["blocks"]["wq"].at[0, 0, 0].set(jnp.inf)
   u, new = update(bad, state, params)
-  assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
+  chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, u))
   assert int(new[0].skipped) == 1 and int(new[0].svd_failures) == 0
-  for a, b in zip(jax.tree.leaves(new[0]._replace(skipped=0)),
-                  jax.tree.leaves(state[0]._replace(skipped=0))):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(new[0]._replace(skipped=0), state[0]._replace(skipped=0))
 
 
-@pytest.mark.parametrize("policy", ["reset", "reproject"])
+def _refresh_with(inner, policy, grad, rank=3, shape=(10, 6)):
+  """Inner states and projectors just before and after the refresh at step 2 (T = 2)."""
+  tx = G.scale_by_galore(inner, settings=optim.GaLoreSettings(
+      rank=rank, update_proj_gap=2, moment_policy=policy,
+      weight_dimension_numbers=G.GaLoreDimensionNumbers()))
+  state = jax.jit(tx.init)({"w": jnp.zeros(shape, jnp.float32)})
+  update = jax.jit(tx.update)
+  for _ in range(2):
+    state = update({"w": grad()}, state)[1]
+  g = grad()
+  return g, state, update({"w": g}, state)[1]
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset", "reproject"])
 def test_moment_policy_at_a_refresh(policy):
   rng = np.random.default_rng(7)
-  params = {"w": jnp.zeros((10, 6), jnp.float32)}
-  b1 = 0.9
-  tx = G.scale_by_galore(optax.scale_by_adam(b1=b1), rank=3, update_proj_gap=2,
-                         moment_policy=policy, weight_dimension_numbers=G.GaLoreDimensionNumbers())
-  state, update = tx.init(params), jax.jit(tx.update)
-  for _ in range(2):
-    state = update({"w": _lowrank_grad(rng, 10, 6)}, state)[1]
-  g = _lowrank_grad(rng, 10, 6)
-  new = update({"w": g}, state)[1]  # step 2 refreshes
-  q_old, q_new = state.projectors["w"]["right"], new.projectors["w"]["right"]
+  b1, b2 = 0.9, 0.999
+  g, old, new = _refresh_with(optax.scale_by_adam(b1=b1, b2=b2), policy,
+                              lambda: _lowrank_grad(rng, 10, 6))
+  q_old, q_new = old.projectors.right["w"], new.projectors.right["w"]
+  rot = q_old @ q_new.T
   low = g @ q_new.T
-  mu_old = state.inner_state.mu["w"]
-  carried = jnp.zeros_like(mu_old) if policy == "reset" else mu_old @ (q_old @ q_new.T)
-  np.testing.assert_allclose(new.inner_state.mu["w"], b1 * carried + (1 - b1) * low,
-                             rtol=1e-5, atol=1e-6)
+  mu, nu = old.inner_state.mu["w"], old.inner_state.nu["w"]
+  carried = {"keep": (mu, nu), "reset": (0 * mu, 0 * nu),
+             "reproject": (mu @ rot, nu @ (rot * rot))}[policy]
+  chex.assert_trees_all_close(
+      (new.inner_state.mu["w"], new.inner_state.nu["w"]),
+      (b1 * carried[0] + (1 - b1) * low, b2 * carried[1] + (1 - b2) * low * low),
+      rtol=1e-5, atol=1e-6)
 
 
-def test_bad_input_errors_name_the_leaf():
+def test_reproject_rotates_a_nonnegative_first_moment_linearly():
+  """Which moment a leaf is comes from its state field, not its values: an all non-negative
+  first moment (positive gradients, rank 1) still rotates linearly, the second moment by the
+  squared rotation. Deciding by sign gave mu the squared rotation."""
+  rng = np.random.default_rng(8)
+  b1, b2 = 0.9, 0.999
+  g, old, new = _refresh_with(optax.scale_by_adam(b1=b1, b2=b2), "reproject",
+                              lambda: jnp.asarray(np.abs(rng.standard_normal((10, 6))),
+                                                  jnp.float32), rank=1)
+  mu, nu = old.inner_state.mu["w"], old.inner_state.nu["w"]
+  assert bool(jnp.all(mu >= 0))  # the case a sign test gets wrong
+  rot = old.projectors.right["w"] @ new.projectors.right["w"].T  # [1, 1]
+  assert abs(float(rot[0, 0])) < 0.999  # the squared rotation differs from the rotation
+  low = g @ new.projectors.right["w"].T
+  chex.assert_trees_all_close(new.inner_state.mu["w"], b1 * mu @ rot + (1 - b1) * low,
+                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(new.inner_state.nu["w"],
+                              b2 * nu @ (rot * rot) + (1 - b2) * low * low, rtol=1e-5, atol=1e-6)
+
+
+def test_reset_of_8bit_moments_is_the_initial_state():
+  """A reset puts the inner optimizer's initial state back: for 8-bit moments the code of
+  zero (code 0 is -1 on the signed codebook) and unit scales, so after the refresh step the
+  moments hold only that step's gradient."""
+  rng = np.random.default_rng(9)
+  b1 = 0.9
+  inner = optim.scale_by_adam8bit(b1=b1, settings=optim.Adam8bitSettings(block_size=8,
+                                                                          min_8bit_size=16))
+  g, old, new = _refresh_with(inner, "reset", lambda: _lowrank_grad(rng, 16, 8), shape=(16, 8))
+  assert old.inner_state.mu["w"].dtype == jnp.uint8
+  mu = A8.dequantize(new.inner_state.mu["w"], new.inner_state.mu_scale["w"], signed=True,
+                     block_size=8)
+  want = (1 - b1) * (g @ new.projectors.right["w"].T)
+  chex.assert_trees_all_close(mu, want, atol=0.05 * float(jnp.max(jnp.abs(want))))
+
+
+def test_reproject_refuses_state_it_cannot_rotate():
+  params = {"w": jnp.zeros((10, 6), jnp.float32)}
+  settings = optim.GaLoreSettings(rank=3, moment_policy="reproject",
+                                  weight_dimension_numbers=G.GaLoreDimensionNumbers())
+  with pytest.raises(ValueError, match=r"^galore8bit: settings.moment_policy='reproject' "
+                                       r"cannot rotate 8-bit moments"):
+    optim.galore8bit(1e-2, settings=settings)
+  quantized = optim.scale_by_adam8bit(settings=optim.Adam8bitSettings(min_8bit_size=16))
+  with pytest.raises(ValueError, match=r"field 'mu' of \['w'\] is uint8 \(e.g. 8-bit moments\)"):
+    G.scale_by_galore(quantized, settings=settings).init(params)
+  # Adan's m, v, n: no known first or second moment names.
+  with pytest.raises(ValueError, match=r"field 'm' of \['w'\] is neither a first moment"):
+    G.scale_by_galore(optax.scale_by_adan(), settings=settings).init(params)
+
+
+def test_bad_settings_are_one_line_errors_naming_the_field():
   params = {"blocks": {"wq": jnp.zeros((2, 8, 6))}, "norm": jnp.ones(6)}
   with pytest.raises(ValueError, match=r"rank=7 for leaf \['blocks'\]\['wq'\] with shape "
                                        r"\(2, 8, 6\).*1\.\.min\(m, n\)=6"):
-    optim.galore_adamw(1e-2, rank=7).init(params)
-  with pytest.raises(ValueError, match=r"rank=0 must be a positive"):
-    optim.galore_adamw(1e-2, rank=0)
+    optim.galore_adamw(1e-2, settings=optim.GaLoreSettings(rank=7)).init(params)
+  with pytest.raises(ValueError, match=r"^GaLoreSettings: rank=0 must be an int >= 1$"):
+    optim.GaLoreSettings(rank=0)
+  with pytest.raises(ValueError, match=r"rank=2.0 must be an int"):
+    optim.GaLoreSettings(rank=2.0)
   with pytest.raises(ValueError, match=r"proj_type='sideways' is not one of \('std', "
                                        r"'reverse_std', 'left', 'right', 'full'\)"):
-    optim.galore_adamw(1e-2, rank=2, proj_type="sideways")
+    optim.GaLoreSettings(proj_type="sideways")
+  with pytest.raises(ValueError, match=r"^Adam8bitSettings: block_size=0 must be an int >= 1$"):
+    optim.GaLoreSettings(block_size=0)
+  with pytest.raises(TypeError, match=r"galore8bit: settings must be a GaLoreSettings, got dict"):
+    optim.galore8bit(1e-2, settings={"rank": 2})
+  with pytest.raises(TypeError, match=r"unexpected keyword argument 'rank'"):
+    optim.galore_adamw(1e-2, rank=2)  # structural settings go in GaLoreSettings
   with pytest.raises(ValueError, match=r"leaf \['norm'\] with shape \(6,\) is masked for "
                                        r"projection but is not a matrix"):
-    optim.galore_adamw(1e-2, rank=2, weight_dimension_numbers={
-        "blocks": {"wq": True}, "norm": True}).init(params)
+    optim.galore_adamw(1e-2, settings=optim.GaLoreSettings(rank=2, weight_dimension_numbers={
+        "blocks": {"wq": True}, "norm": True})).init(params)
   with pytest.raises(ValueError, match=r"name every axis exactly once"):
-    optim.galore_adamw(1e-2, rank=2, weight_dimension_numbers={
-        "blocks": {"wq": G.GaLoreDimensionNumbers()}, "norm": None}).init(params)
+    optim.galore_adamw(1e-2, settings=optim.GaLoreSettings(rank=2, weight_dimension_numbers={
+        "blocks": {"wq": G.GaLoreDimensionNumbers()}, "norm": None})).init(params)

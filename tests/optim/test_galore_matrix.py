@@ -1,9 +1,10 @@
-"""The shared optimizer matrix for the GaLore family and 8-bit Adam: under jit, wrapped in
-inject_hyperparams, bf16 params with fp32 states, state sharding kept on an 8-device mesh,
-orbax round-trip, optax.MultiSteps accumulation."""
+"""The shared optimizer matrix for the GaLore family and 8-bit Adam: jitted, under
+optax.inject_hyperparams exactly as a user writes it, bf16 params with fp32 states, state
+sharding kept on an 8-device mesh, orbax round-trip, optax.MultiSteps accumulation."""
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,19 +15,25 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from zojax import optim
 from zojax.train import sharding
 
-from _optimizer_checks import assert_orbax_round_trip
+from _optimizer_checks import assert_inject_hyperparams_idiom, assert_orbax_round_trip, run_jitted
 
 LR, WD = 0.05, 0.01
-GALORE = dict(learning_rate=LR, weight_decay=WD, rank=2, update_proj_gap=2)
+# min_8bit_size is lowered so the small test leaves are quantized. The mask is a callable:
+# as a plain argument, inject_hyperparams would take it for a schedule.
+SETTINGS = optim.GaLoreSettings(rank=2, update_proj_gap=2, mask=optim.decay_mask,
+                                block_size=8, min_8bit_size=16, history=3)
+GALORE = dict(learning_rate=LR, weight_decay=WD, settings=SETTINGS)
+ADAM = ("learning_rate", "b1", "b2", "eps", "weight_decay")
 
-# name -> (factory, kwargs); min_8bit_size is lowered so the small test leaves are quantized.
+# name -> (factory, kwargs, the numeric hyperparameters inject_hyperparams traces).
+# (The randomized projector and the moment policies are covered in test_galore.py.)
 OPTIMIZERS = {
-    "galore_adamw": (optim.galore_adamw, GALORE),
-    # (The randomized projector and the moment policies are covered in test_galore.py.)
-    "galore8bit": (optim.galore8bit, dict(GALORE, min_8bit_size=16, block_size=8)),
-    "natural_galore": (optim.natural_galore, dict(GALORE, history=3)),
-    "adam8bit": (optim.adam8bit, dict(learning_rate=LR, weight_decay=WD, min_8bit_size=16,
-                                      block_size=8)),
+    "galore_adamw": (optim.galore_adamw, GALORE, ADAM + ("scale",)),
+    "galore8bit": (optim.galore8bit, GALORE, ADAM + ("scale",)),
+    "natural_galore": (optim.natural_galore, GALORE, ADAM + ("scale", "damping")),
+    "adam8bit": (optim.adam8bit, dict(learning_rate=LR, weight_decay=WD, settings=optim.
+                                      Adam8bitSettings(block_size=8, min_8bit_size=16,
+                                                       mask=optim.decay_mask)), ADAM),
 }
 
 
@@ -44,16 +51,14 @@ def _grads(step, dtype=jnp.float32):
 
 
 @functools.cache
-def _tx(name, inject=False):
-  factory, kwargs = OPTIMIZERS[name]
-  if inject:
-    factory = optax.inject_hyperparams(factory, static_args=optim.static_args(factory))
+def _tx(name):
+  factory, kwargs, _ = OPTIMIZERS[name]
   return factory(**kwargs)
 
 
 @functools.cache
-def _apply(name, inject=False):
-  tx = _tx(name, inject)
+def _apply(name):
+  tx = _tx(name)
 
   @jax.jit
   def apply(params, state, grads):
@@ -66,36 +71,41 @@ def _apply(name, inject=False):
 TOL = {"natural_galore": dict(rtol=1e-4, atol=1e-4)}
 
 
-def _run(name, params, steps=3, inject=False, dtype=jnp.float32):
-  state = _tx(name, inject).init(params)
-  for t in range(steps):
-    params, state = _apply(name, inject)(params, state, _grads(t, dtype))
-  return params, state
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_inject_hyperparams_as_optax_users_write_it(name):
+  factory, kwargs, hyperparams = OPTIMIZERS[name]
+  kwargs = dict(kwargs, learning_rate=optax.linear_schedule(LR, LR / 4, 2))
+  assert_inject_hyperparams_idiom(factory, kwargs, _params(), [_grads(0), _grads(1)],
+                                  hyperparams, **TOL.get(name, dict(rtol=1e-5, atol=1e-6)))
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_inject_hyperparams(name):
-  p_plain, _ = _run(name, _params())
-  p_inj, s_inj = _run(name, _params(), inject=True)
-  for a, b in zip(jax.tree.leaves(p_inj), jax.tree.leaves(p_plain)):
-    np.testing.assert_allclose(a, b, **TOL.get(name, dict(rtol=1e-4, atol=1e-5)))
-  assert not np.allclose(p_inj["blocks"]["wq"], _params()["blocks"]["wq"])
-  # The learning rate lives in the state: set to zero, nothing moves.
-  s_inj.hyperparams["learning_rate"] = jnp.zeros_like(s_inj.hyperparams["learning_rate"])
-  p_zero, _ = _apply(name, inject=True)(p_inj, s_inj, _grads(7))
-  for a, b in zip(jax.tree.leaves(p_zero), jax.tree.leaves(p_inj)):
-    np.testing.assert_array_equal(a, b)
+def test_injected_numbers_are_live_and_the_mask_is_kept(name):
+  """The injected learning rate is read from the state (zero: nothing moves), and with zero
+  gradients only weight decay moves the params: the masked-out norms stay."""
+  factory, kwargs, _ = OPTIMIZERS[name]
+  tx = optax.inject_hyperparams(factory)(**kwargs)
+  params = _params()
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  decayed, state, _ = run_jitted(tx, params, [zeros])
+  chex.assert_trees_all_close(decayed["blocks"]["attn_norm"], params["blocks"]["attn_norm"])
+  chex.assert_trees_all_close(decayed["head"]["final_norm"], params["head"]["final_norm"])
+  chex.assert_trees_all_close(decayed["blocks"]["wq"], (1 - LR * WD) * params["blocks"]["wq"],
+                              rtol=1e-6)
+  state.hyperparams["learning_rate"] = jnp.zeros_like(state.hyperparams["learning_rate"])
+  updates, _ = jax.jit(tx.update)(_grads(7), state, decayed)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_bf16_params_keep_their_dtype_with_fp32_state(name):
   params = _params(jnp.bfloat16)
-  state = _tx(name).init(params)
+  state = jax.jit(_tx(name).init)(params)
   new_params, new_state = _apply(name)(params, state, _grads(0, jnp.bfloat16))
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new_params))
+  chex.assert_trees_all_equal_dtypes(new_params, params)
   dtypes = {x.dtype for x in jax.tree.leaves(new_state)}
   assert dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32), jnp.dtype(jnp.uint8)}, dtypes
-  assert [x.dtype for x in jax.tree.leaves(new_state)] == [x.dtype for x in jax.tree.leaves(state)]
+  chex.assert_trees_all_equal_dtypes(new_state, state)
   assert not np.array_equal(np.asarray(new_params["blocks"]["wq"], np.float32),
                             np.asarray(params["blocks"]["wq"], np.float32))
 
@@ -125,15 +135,16 @@ def test_state_sharding_is_kept_on_an_8_device_mesh(name):
     assert p_new.sharding.is_equivalent_to(p_old.sharding, p_old.ndim)
   for want, got in zip(jax.tree.leaves(state_sh), jax.tree.leaves(new_state)):
     assert got.sharding.is_equivalent_to(want, got.ndim), (got.shape, got.sharding, want)
-  # wq [2, 8, 16] is split on n = 16; what keeps n keeps the split: std's [2, r, 16] moments,
-  # 8-bit Adam's param-shaped codes.
+  # wq [2, 8, 16] is split on n = 16; what keeps n keeps the split: std's [2, r, 16] moments
+  # and Q projectors, 8-bit Adam's param-shaped codes.
   split = [s for s in jax.tree.leaves(state_sh) if s.spec == P(None, None, "model")]
   assert len(split) >= 2, state_sh
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_orbax_round_trip(name, tmp_path):
-  _, state = _run(name, _params(), steps=1, inject=True)
+  factory, kwargs, _ = OPTIMIZERS[name]
+  _, state, _ = run_jitted(optax.inject_hyperparams(factory)(**kwargs), _params(), [_grads(0)])
   assert_orbax_round_trip(state, tmp_path)
 
 
@@ -143,12 +154,11 @@ def test_multisteps_accumulation(name):
   tx = _tx(name)
   multi = optax.MultiSteps(tx, every_k_schedule=2)
   params = _params()
-  state = multi.init(params)
+  state = jax.jit(multi.init)(params)
   update = jax.jit(multi.update)
   u0, state = update(_grads(0), state, params)
-  assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u0))
+  chex.assert_trees_all_equal(u0, jax.tree.map(jnp.zeros_like, u0))
   u1, state = update(_grads(1), state, params)
   mean = jax.tree.map(lambda a, b: (a + b) / 2, _grads(0), _grads(1))
-  ref, _ = jax.jit(tx.update)(mean, tx.init(params), params)
-  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(a, b, **TOL.get(name, dict(rtol=1e-5, atol=1e-6)))
+  ref, _ = jax.jit(tx.update)(mean, jax.jit(tx.init)(params), params)
+  chex.assert_trees_all_close(u1, ref, **TOL.get(name, dict(rtol=1e-5, atol=1e-6)))

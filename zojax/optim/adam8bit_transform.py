@@ -7,8 +7,8 @@ stores one fp32 absmax and one uint8 code per entry, the code indexing a fixed 2
 spends its codes per decade (10^-6 .. 1), so small entries keep relative precision. Each
 step dequantizes, runs the fp32 Adam update and requantizes.
 
-Leaves smaller than `min_8bit_size` keep fp32 moments (bitsandbytes' default: 4096), so
-norms and biases do not pay quantization error for no memory gain.
+Leaves smaller than `Adam8bitSettings.min_8bit_size` keep fp32 moments (bitsandbytes'
+default: 4096), so norms and biases do not pay quantization error for no memory gain.
 
 Memory per quantized entry: 2 bytes (m and v codes) + 8 / block_size bytes of scales,
 against 8 bytes for fp32 Adam.
@@ -16,6 +16,7 @@ against 8 bytes for fp32 Adam.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -96,6 +97,38 @@ def dequantize(codes, absmax, *, signed: bool, block_size: int = 256):
   return vals.reshape(-1)[:codes.size].reshape(codes.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class Adam8bitSettings:
+  """Structural settings of 8-bit Adam, kept apart from the numeric hyperparameters.
+
+  They fix the state's dtypes and shapes (or, for `mask`, which leaves decay), so they
+  must not be traced: `optax.inject_hyperparams` traces every numeric argument of a factory,
+  but passes this frozen object through as it is.
+
+  Attributes:
+    block_size: consecutive entries per absmax block (256 as in the issue; bitsandbytes'
+      optimizers default to 2048).
+    min_8bit_size: leaves with fewer entries keep fp32 moments.
+    mask: which leaves `adam8bit`'s weight decay touches, as optax's `mask` (a tree of
+      bools or a callable params -> one); None: all. `scale_by_adam8bit` ignores it.
+  """
+  block_size: int = 256
+  min_8bit_size: int = 4096
+  mask: Any = None
+
+  def __post_init__(self):
+    check_int_fields(self, block_size=1, min_8bit_size=0)
+
+
+def check_int_fields(settings, **lowest: int) -> None:
+  """Raises a one-line ValueError naming the first field of `settings` that is not an int
+  (bools excluded) at least as large as its bound in `lowest`."""
+  for name, low in lowest.items():
+    value = getattr(settings, name)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+      raise ValueError(f"{type(settings).__name__}: {name}={value!r} must be an int >= {low}")
+
+
 class ScaleByAdam8bitState(NamedTuple):
   """State of `scale_by_adam8bit`. All plain arrays.
 
@@ -113,26 +146,33 @@ class ScaleByAdam8bitState(NamedTuple):
 
 
 def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
-                      block_size: int = 256, min_8bit_size: int = 4096
+                      settings: Adam8bitSettings = Adam8bitSettings()
                       ) -> optax.GradientTransformation:
-  """Adam's direction m_hat / (sqrt(v_hat) + eps) with moments stored blockwise in 8 bits.
+  """Adam's direction with moments stored blockwise in 8 bits.
+
+    u_t = m_hat_t / (sqrt(v_hat_t) + eps)
+
+  with m and v dequantized before and requantized after each step.
 
   Args:
-    b1, b2, eps: as `optax.scale_by_adam`.
-    block_size: consecutive entries per absmax block (256 as in the issue; bitsandbytes'
-      optimizers default to 2048).
-    min_8bit_size: leaves with fewer entries keep fp32 moments.
+    b1, b2, eps: as `optax.scale_by_adam`; plain numbers or traced scalars.
+    settings: block size and the size below which moments stay fp32.
 
   Returns:
     A transform with state `ScaleByAdam8bitState`; updates keep the gradients' dtype.
   """
-  quantized = lambda x: math.prod(np.shape(x)) >= min_8bit_size and np.ndim(x) >= 1
+  if not isinstance(settings, Adam8bitSettings):
+    raise TypeError(f"scale_by_adam8bit: settings must be an Adam8bitSettings, got "
+                    f"{type(settings).__name__}")
+  block_size = settings.block_size
+  quantized = lambda x: math.prod(np.shape(x)) >= settings.min_8bit_size and np.ndim(x) >= 1
   nb = lambda x: -(-math.prod(np.shape(x)) // block_size)
 
   def init_fn(params):
-    if not jax.tree.leaves(params):  # optax.tree_map_params' placeholder
-      zero = jnp.zeros([], jnp.int32)
-      return ScaleByAdam8bitState(count=zero, mu=params, nu=params, mu_scale=zero, nu_scale=zero)
+    if not jax.tree.leaves(params):
+      # optax.tree_map_params' placeholder: the codes and the scales all belong to the param.
+      return ScaleByAdam8bitState(count=jnp.zeros([], jnp.int32), mu=params, nu=params,
+                                  mu_scale=params, nu_scale=params)
 
     def codes(x, signed):
       if not quantized(x):
@@ -177,16 +217,18 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
 
 def adam8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-             eps: float = 1e-8, weight_decay: float = 0.0, *, mask: Any = None,
-             block_size: int = 256, min_8bit_size: int = 4096) -> optax.GradientTransformation:
+             eps: float = 1e-8, weight_decay: float = 0.0, *,
+             settings: Adam8bitSettings = Adam8bitSettings()) -> optax.GradientTransformation:
   """8-bit AdamW: `scale_by_adam8bit`, decoupled weight decay, learning rate (as `optax.adamw`).
 
+  The numeric arguments may be schedules or traced scalars, so
+  `optax.inject_hyperparams(adam8bit)(learning_rate=...)` works without `static_args`.
+
   Example:
-    >>> tx = adam8bit(1e-3, weight_decay=0.1)
+    >>> tx = adam8bit(1e-3, weight_decay=0.1, settings=Adam8bitSettings(mask=decay_mask))
   """
   return optax.chain(
-      scale_by_adam8bit(b1=b1, b2=b2, eps=eps, block_size=block_size,
-                        min_8bit_size=min_8bit_size),
-      optax.add_decayed_weights(weight_decay, mask),
+      scale_by_adam8bit(b1=b1, b2=b2, eps=eps, settings=settings),
+      optax.add_decayed_weights(weight_decay, settings.mask),
       optax.scale_by_learning_rate(learning_rate),
   )

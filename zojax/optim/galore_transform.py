@@ -25,14 +25,19 @@ leaves are projected, on which side, and which go to the inner optimizer at full
 Learning-rate convention (the official one): projected leaves train at lr * scale, the
 full-rank ones at lr. The paper's pre-training runs use lr 0.01, scale 0.25, T 200.
 
+Structural settings (rank, T, projection type, which leaves, ...) are one frozen
+`GaLoreSettings`; the numbers (learning rate, betas, eps, weight decay, scale) are plain
+arguments. `optax.inject_hyperparams` traces every numeric argument and passes the settings
+through, so `optax.inject_hyperparams(galore_adamw)(learning_rate=...)` works as for any
+optax optimizer, with no `static_args`.
+
 The down and up projections go through `zojax.kernels.projection` (`implementation`: "auto"
 picks its Pallas kernel on GPU where the shapes tile, `jnp` matmuls elsewhere).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import dataclasses
 import math
 import re
 from typing import Any, Callable, NamedTuple
@@ -43,32 +48,15 @@ import numpy as np
 import optax
 
 from zojax.kernels import projection
-from zojax.optim.adam8bit_transform import scale_by_adam8bit
+from zojax.optim.adam8bit_transform import Adam8bitSettings, check_int_fields, scale_by_adam8bit
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 MOMENT_POLICIES = ("keep", "reset", "reproject")
 PROJECTOR_METHODS = ("svd", "randomized")
 
-# Structural (shape-determining) arguments of this module's factories. They cannot be traced,
-# so they go to `optax.inject_hyperparams(..., static_args=...)`; see `static_args`.
-STATIC_ARGS = ("rank", "proj_type", "moment_policy", "projector", "power_iters", "oversample",
-               "stagger", "seed", "weight_dimension_numbers", "inner", "mask", "history",
-               "block_size", "min_8bit_size", "eps_convention", "implementation")
-
 # Paper default: the linear layers of attention and MLP. Matched against the leaf's path.
 DEFAULT_PATTERN = (r"(^|\W)(wq|wk|wv|wo|w_gate|w_up|w_down|q_proj|k_proj|v_proj|o_proj|"
                    r"gate_proj|up_proj|down_proj|attn|attention|self_attn|mlp)(\W|$)")
-
-
-def static_args(factory: Callable) -> tuple[str, ...]:
-  """The structural arguments of `factory`, for `optax.inject_hyperparams(static_args=...)`.
-
-  Example:
-    >>> tx = optax.inject_hyperparams(galore_adamw, static_args=static_args(galore_adamw))(
-    ...     learning_rate=1e-2, rank=4)
-  """
-  names = inspect.signature(factory).parameters
-  return tuple(a for a in STATIC_ARGS if a in names)
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,6 +110,76 @@ def _path_str(path) -> str:
   return jax.tree_util.keystr(path)
 
 
+@dataclasses.dataclass(frozen=True)
+class GaLoreSettings:
+  """Structural settings of the GaLore family, kept apart from the numeric hyperparameters.
+
+  They fix the state's shapes or the traced program, so they must not be traced:
+  `optax.inject_hyperparams` traces every numeric argument of a factory, but passes this
+  frozen object through as it is. Each optimizer reads the fields it uses.
+
+  Attributes:
+    rank: r, per projected matrix; must be in 1..min(m, n) for every projected leaf.
+    update_proj_gap: T, steps between projector refreshes (at steps 0, T, 2T, ...).
+    proj_type: one of `PROJ_TYPES` (see the module docstring).
+    weight_dimension_numbers: which leaves are projected and how they are matrices: a
+      `GaLoreDimensionNumbers`, or a tree of them / bools / None (None or False: full
+      rank; True: leading axes are batch axes), or a callable params -> such a tree.
+      Default (None): `default_dimension_numbers` (attention and MLP kernels by path).
+    moment_policy: what a refresh does to the inner state of the refreshed leaves: "keep"
+      (official), "reset" (the inner optimizer's initial state), "reproject" (rotate it
+      into the new subspace: first moments linearly, second moments by the squared
+      rotation; see `LINEAR_FIELDS`, `SQUARED_FIELDS`).
+    projector: "svd" (exact, fp32) or "randomized" (subspace iteration warm-started from
+      the previous projector: `power_iters` iterations, `oversample` extra columns).
+    power_iters, oversample: for the randomized projector.
+    stagger: refresh leaf i at steps offset_i + kT (offset_i = i T / #leaves) instead of all
+      at once, spreading the SVD cost; every leaf still refreshes at step 0.
+    seed: for the randomized projector's Gaussian sketch (folded with step and leaf).
+    implementation: of the projections, as in `zojax.kernels.projection`: "auto" (the
+      Pallas kernel on GPU where the shapes tile, XLA matmuls otherwise), "pallas", "xla".
+    mask: which leaves weight decay touches, as optax's `mask` (a tree of bools or a
+      callable params -> one); None: all.
+    block_size, min_8bit_size: `galore8bit`'s 8-bit moments, as in `Adam8bitSettings`.
+    history: `natural_galore`'s s, the low-rank gradients kept per matrix for the Fisher.
+  """
+  rank: int = 128
+  update_proj_gap: int = 200
+  proj_type: str = "std"
+  weight_dimension_numbers: Any = None
+  moment_policy: str = "keep"
+  projector: str = "svd"
+  power_iters: int = 1
+  oversample: int = 8
+  stagger: bool = False
+  seed: int = 0
+  implementation: str = "auto"
+  mask: Any = None
+  block_size: int = 256
+  min_8bit_size: int = 4096
+  history: int = 20
+
+  def __post_init__(self):
+    for name, choices in (("proj_type", PROJ_TYPES), ("moment_policy", MOMENT_POLICIES),
+                          ("projector", PROJECTOR_METHODS),
+                          ("implementation", projection.IMPLEMENTATIONS)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"GaLoreSettings: {name}={getattr(self, name)!r} is not one of "
+                         f"{choices}")
+    check_int_fields(self, rank=1, update_proj_gap=1, power_iters=0, oversample=0, history=1)
+    self.adam8bit()  # checks block_size and min_8bit_size
+
+  def adam8bit(self) -> Adam8bitSettings:
+    """The 8-bit moments' settings (`galore8bit`'s inner optimizer)."""
+    return Adam8bitSettings(block_size=self.block_size, min_8bit_size=self.min_8bit_size)
+
+
+def _check_settings(caller: str, settings) -> GaLoreSettings:
+  if not isinstance(settings, GaLoreSettings):
+    raise TypeError(f"{caller}: settings must be a GaLoreSettings, got {type(settings).__name__}")
+  return settings
+
+
 class _LeafPlan(NamedTuple):
   """Static description of one projected leaf (from shapes only)."""
   path: str
@@ -155,19 +213,15 @@ def _resolve_dim_nums(weight_dimension_numbers, params):
                      f"(a GaLoreDimensionNumbers, bool or None per leaf): {e}") from None
 
 
-def make_plan(params, *, rank: int, proj_type: str = "std", weight_dimension_numbers=None):
+def make_plan(params, settings: GaLoreSettings):
   """Per-leaf plan: a `_LeafPlan` for projected leaves, None for full-rank ones.
 
   Raises:
-    ValueError: an unknown proj_type, rank <= 0, rank > min(m, n) for a leaf, or bad axes;
-      the message names the leaf path and its shape.
+    ValueError: rank > min(m, n) for a leaf, or bad axes; the message names the leaf path
+      and its shape.
   """
-  if proj_type not in PROJ_TYPES:
-    raise ValueError(f"galore: proj_type={proj_type!r} is not one of {PROJ_TYPES}")
-  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool):
-    raise TypeError(f"galore: rank must be a Python int (pass it in inject_hyperparams' "
-                    f"static_args), got {type(rank).__name__}")
-  dim_nums = _resolve_dim_nums(weight_dimension_numbers, params)
+  rank, proj_type = settings.rank, settings.proj_type
+  dim_nums = _resolve_dim_nums(settings.weight_dimension_numbers, params)
 
   def one(path, x, dn):
     name = _path_str(path)
@@ -185,7 +239,7 @@ def make_plan(params, *, rank: int, proj_type: str = "std", weight_dimension_num
       raise ValueError(f"galore: leaf {name} with shape {shape}: dimension numbers {dn} must "
                        "name every axis exactly once (batch axes, one row, one column)")
     m, n = shape[axes[-2]], shape[axes[-1]]
-    if rank <= 0 or rank > min(m, n):
+    if rank > min(m, n):
       raise ValueError(f"galore: rank={rank} for leaf {name} with shape {shape} (matrix "
                        f"{m}x{n}) must be in 1..min(m, n)={min(m, n)}")
     return _LeafPlan(path=name, perm=tuple(axes), batch_shape=tuple(shape[a] for a in axes[:-2]),
@@ -194,16 +248,14 @@ def make_plan(params, *, rank: int, proj_type: str = "std", weight_dimension_num
   return jax.tree_util.tree_map_with_path(one, params, dim_nums)
 
 
-def galore_plan(params, *, rank: int, proj_type: str = "std", weight_dimension_numbers=None
-                ) -> dict[str, str]:
+def galore_plan(params, settings: GaLoreSettings = GaLoreSettings()) -> dict[str, str]:
   """Human-readable account of every leaf: projected (side, shapes) or full rank.
 
   Example:
-    >>> galore_plan(params, rank=128)["['blocks']['wq']"]
+    >>> galore_plan(params, GaLoreSettings(rank=128))["['blocks']['wq']"]
     'right: 8 x [512, 512] -> [512, 128]'
   """
-  plan = make_plan(params, rank=rank, proj_type=proj_type,
-                   weight_dimension_numbers=weight_dimension_numbers)
+  plan = make_plan(params, _check_settings("galore_plan", settings))
   out = {}
   for (path, x), p in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                           jax.tree.leaves(plan, is_leaf=_is_plan_leaf)):
@@ -355,13 +407,24 @@ def _initial_projector(p: _LeafPlan) -> dict:
 # The transform
 
 
+class GaLoreProjectors(NamedTuple):
+  """The projectors, one tree per side, each with the params' structure.
+
+  Attributes:
+    left: P [*B, m, r] (fp32) of the leaves projected on the left ("left", "full"), else None.
+    right: Q [*B, r, n] (fp32, rows of V^T) of the leaves projected on the right ("right",
+      "full"), else None.
+  """
+  left: Any
+  right: Any
+
+
 class GaLoreState(NamedTuple):
   """State of `scale_by_galore`. All plain arrays.
 
   Attributes:
     count: int32 [], steps taken (non-finite steps excluded).
-    projectors: the params' structure; per projected leaf a dict {"left": [*B, m, r]} and/or
-      {"right": [*B, r, n]} (fp32), None for full-rank leaves.
+    projectors: `GaLoreProjectors`.
     inner_state: the inner optimizer's state, on low-rank shapes for projected leaves.
     low_rank_state: state of the low-rank preconditioner (Natural GaLore's history), or ().
     svd_failures: int32 [], per-matrix refreshes whose projector came out non-finite (the old
@@ -369,11 +432,24 @@ class GaLoreState(NamedTuple):
     skipped: int32 [], steps skipped because a gradient was non-finite.
   """
   count: jax.Array
-  projectors: Any
+  projectors: GaLoreProjectors
   inner_state: Any
   low_rank_state: Any
   svd_failures: jax.Array
   skipped: jax.Array
+
+
+def _projectors(treedef, per_leaf: list) -> GaLoreProjectors:
+  """Per-leaf projector dicts ({"left": P} and/or {"right": Q}, or None) -> the state's trees."""
+  side = lambda k: treedef.unflatten([None if d is None else d.get(k) for d in per_leaf])
+  return GaLoreProjectors(left=side("left"), right=side("right"))
+
+
+def _projector_dicts(treedef, projectors: GaLoreProjectors) -> list:
+  """The inverse of `_projectors`: per leaf a dict of its projectors, or None."""
+  pairs = zip(treedef.flatten_up_to(projectors.left), treedef.flatten_up_to(projectors.right))
+  return [{k: v for k, v in (("left", l), ("right", r)) if v is not None} or None
+          for l, r in pairs]
 
 
 def _is_placeholder(params) -> bool:
@@ -400,77 +476,144 @@ def _rotation(old: dict, new: dict, side: str):
   return rl, rr
 
 
-def _reproject(x, rl, rr):
-  """First-moment-like leaves map linearly; nonnegative (second-moment-like) ones by the
-  elementwise squares of the rotations, which keeps them nonnegative."""
-  def apply(y, a, b):
-    if a is not None:
-      y = a @ y
-    if b is not None:
-      y = y @ b
-    return y
-  lin = apply(x, rl, rr)
-  sq = apply(x, None if rl is None else rl * rl, None if rr is None else rr * rr)
-  return jnp.where(jnp.all(x >= 0), sq, lin)
+# How moment_policy="reproject" carries each field of the inner state (optax's names) into
+# the new subspace. The field decides, never the values: a first moment can be all
+# non-negative too, and rotating it by the squared rotation would be wrong.
+LINEAR_FIELDS = ("mu", "trace", "ema")               # first moments and momenta
+SQUARED_FIELDS = ("nu", "nu_max", "sum_of_squares")  # second moments: stay non-negative
 
 
-def _param_of_state_leaves(state, params_paths: list[tuple]) -> list[int | None]:
-  """For each leaf of `state` (flattened), the index of the param whose key path is the
-  longest contiguous run inside the state leaf's key path, or None."""
+def _reproject(x, rl, rr, squared: bool):
+  """R_l x R_r, or with the elementwise squares of the rotations for a second moment.
+
+    x -> R_l x R_r    or    x -> (R_l * R_l) x (R_r * R_r)
+
+  A rotation is None on a side that is not projected.
+  """
+  if squared:
+    rl, rr = (None if r is None else r * r for r in (rl, rr))
+  if rl is not None:
+    x = rl @ x
+  if rr is not None:
+    x = x @ rr
+  return x
+
+
+def _key_name(key) -> str:
+  """A key path entry's name: a NamedTuple field, a dict key or a sequence index."""
+  for attr in ("name", "key", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _state_owners(inner, inner_state, params_def) -> list[tuple[int, str] | None]:
+  """For each leaf of `inner_state` (flattened): (index of its param, the state field that
+  holds it), or None for a leaf of no param (a count, ...).
+
+  `optax.tree_map_params` finds the param-structured subtrees (from `inner.init` on its
+  placeholder); the field is the key just above such a subtree.
+  """
+  flat, state_def = jax.tree_util.tree_flatten_with_path(inner_state)
+  param_index = params_def.unflatten(range(params_def.num_leaves))
+  depth = [len(path) for path, _ in jax.tree_util.tree_flatten_with_path(param_index)[0]]
+  owner = {}
+
+  def record(leaf, param):
+    owner[leaf] = param
+    return leaf
+  optax.tree_map_params(inner, record, state_def.unflatten(range(len(flat))), param_index)
   out = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]:
-    best, best_len = None, 0
-    for i, pp in enumerate(params_paths):
-      k = len(pp)
-      if k <= best_len or k > len(path):
-        continue
-      if any(tuple(path[s:s + k]) == pp for s in range(len(path) - k + 1)):
-        best, best_len = i, k
-    out.append(best)
+  for i, (path, _) in enumerate(flat):
+    if i not in owner:
+      out.append(None)
+      continue
+    k = depth[owner[i]]
+    out.append((owner[i], _key_name(path[-k - 1]) if len(path) > k else ""))
   return out
+
+
+def _refresh_actions(inner, inner_state, params_def, plans, policy: str) -> list:
+  """Per leaf of `inner_state`: None (a refresh leaves it alone) or (param index, "reset" |
+  "linear" | "squared").
+
+  Raises:
+    ValueError: "reproject" and a leaf of a projected param that it cannot rotate (not
+      float, a field of unknown kind, not the low-rank shape); the message names the field
+      and the leaf.
+  """
+  out = []
+  owners = _state_owners(inner, inner_state, params_def)
+  for x, owned in zip(jax.tree.leaves(inner_state), owners):
+    p = None if owned is None else plans[owned[0]]
+    if p is None:
+      out.append(None)
+      continue
+    i, field = owned
+    if policy == "reset":
+      out.append((i, "reset"))
+      continue
+    where = f"galore: moment_policy='reproject': inner state field {field!r} of {p.path}"
+    low = (*p.batch_shape, *_low_rank_shape(p))
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{where} is {x.dtype} (e.g. 8-bit moments), not float: use 'keep' "
+                       "or 'reset'")
+    if field not in LINEAR_FIELDS + SQUARED_FIELDS:
+      raise ValueError(f"{where} is neither a first moment {LINEAR_FIELDS} nor a second "
+                       f"moment {SQUARED_FIELDS}: use 'keep' or 'reset'")
+    if tuple(np.shape(x)) != low:
+      raise ValueError(f"{where} has shape {tuple(np.shape(x))}, not the low-rank {low}")
+    out.append((i, "squared" if field in SQUARED_FIELDS else "linear"))
+  return out
+
+
+def _apply_moment_policy(inner_state, fresh, actions, plans, old_proj, new_proj, refreshed):
+  """The inner state with `actions` applied to the leaves of refreshed params.
+
+  "reset" takes the leaf from `fresh` (the inner optimizer's initial state, so 8-bit codes
+  reset to the code of zero); "linear" / "squared" rotate it from the old subspace to the new.
+  """
+  leaves, state_def = jax.tree.flatten(inner_state)
+  fresh = [None] * len(leaves) if fresh is None else jax.tree.leaves(fresh)
+  out = []
+  for x, x0, action in zip(leaves, fresh, actions):
+    if action is None:
+      out.append(x)
+      continue
+    i, how = action
+    if how == "reset":
+      new = x0
+    else:
+      p = plans[i]
+      def one(y, old, new, side=p.side, squared=how == "squared"):
+        return _reproject(y, *_rotation(old, new, side), squared=squared)
+      new = _batched(one, p)(x, old_proj[i], new_proj[i]).astype(x.dtype)
+    out.append(jnp.where(refreshed[i], new, x))
+  return state_def.unflatten(out)
 
 
 def scale_by_galore(
     inner: optax.GradientTransformation | None = None,
     *,
-    rank: int = 128,
-    update_proj_gap: int = 200,
     scale: float = 0.25,
-    proj_type: str = "std",
-    weight_dimension_numbers: Any = None,
-    moment_policy: str = "keep",
-    projector: str = "svd",
-    power_iters: int = 1,
-    oversample: int = 8,
-    stagger: bool = False,
-    seed: int = 0,
-    implementation: str = "auto",
+    settings: GaLoreSettings = GaLoreSettings(),
     low_rank_transform: optax.GradientTransformationExtraArgs | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore direction: project, run `inner` in the low-rank space, project back (Alg. 2).
+
+    R_t = P_t^T G_t,    N_t = inner(R_t),    G~_t = scale * P_t N_t
+
+  (left projection; right and full as in the module docstring), P_t refreshed from the SVD
+  of G_t every `settings.update_proj_gap` steps.
 
   Args:
     inner: any optax transform; it sees low-rank fp32 gradients for projected leaves and
       fp32 full gradients for the others, and no params (weight decay belongs outside, in
       the full space: see `galore`). Default: `scale_by_adam_torch()` (the official AdamW).
-    rank: r, per projected matrix; must be in 1..min(m, n) for every projected leaf.
-    update_proj_gap: T, steps between projector refreshes (at steps 0, T, 2T, ...).
-    scale: alpha; the back-projected update of projected leaves is multiplied by it.
-    proj_type: one of `PROJ_TYPES` (see the module docstring).
-    weight_dimension_numbers: which leaves are projected and how they are matrices: a
-      `GaLoreDimensionNumbers`, or a tree of them / bools / None (None or False: full
-      rank; True: leading axes are batch axes), or a callable params -> such a tree.
-      Default: `default_dimension_numbers` (attention and MLP kernels by path).
-    moment_policy: what a refresh does to the inner state of the refreshed leaves: "keep"
-      (official), "reset" (zeros), "reproject" (rotate it into the new subspace).
-    projector: "svd" (exact, fp32) or "randomized" (subspace iteration warm-started from
-      the previous projector: `power_iters` iterations, `oversample` extra columns).
-    power_iters, oversample: for the randomized projector.
-    stagger: refresh leaf i at steps offset_i + kT (offset_i = i T / #leaves) instead of all
-      at once, spreading the SVD cost; every leaf still refreshes at step 0.
-    seed: for the randomized projector's Gaussian sketch (folded with step and leaf).
-    implementation: of the projections, as in `zojax.kernels.projection`: "auto" (the
-      Pallas kernel on GPU where the shapes tile, XLA matmuls otherwise), "pallas", "xla".
+    scale: alpha; the back-projected update of projected leaves is multiplied by it. A
+      number or a traced scalar.
+    settings: rank, refresh gap, projection type, which leaves, projector and moment
+      policy; see `GaLoreSettings`.
     low_rank_transform: applied to the projected leaves' low-rank gradients before `inner`
       (non-projected leaves are None in its trees); it gets `refreshed` (a tree of bool
       scalars) as an extra argument. Natural GaLore uses it.
@@ -479,21 +622,9 @@ def scale_by_galore(
     A `GradientTransformationExtraArgs` with state `GaLoreState`. A step whose gradient has a
     non-finite entry returns zero updates and leaves the state as it was, counting the skip.
   """
-  if proj_type not in PROJ_TYPES:
-    raise ValueError(f"galore: proj_type={proj_type!r} is not one of {PROJ_TYPES}")
-  if moment_policy not in MOMENT_POLICIES:
-    raise ValueError(f"galore: moment_policy={moment_policy!r} is not one of {MOMENT_POLICIES}")
-  if projector not in PROJECTOR_METHODS:
-    raise ValueError(f"galore: projector={projector!r} is not one of {PROJECTOR_METHODS}")
-  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
-    raise ValueError(f"galore: rank={rank!r} must be a positive Python int")
-  if implementation not in projection.IMPLEMENTATIONS:
-    raise ValueError(f"galore: implementation={implementation!r} is not one of "
-                     f"{projection.IMPLEMENTATIONS}")
+  s = _check_settings("scale_by_galore", settings)
   inner = optax.with_extra_args_support(scale_by_adam_torch() if inner is None else inner)
   lrt = None if low_rank_transform is None else optax.with_extra_args_support(low_rank_transform)
-  plan_of = functools.partial(make_plan, rank=rank, proj_type=proj_type,
-                              weight_dimension_numbers=weight_dimension_numbers)
 
   def low_rank_inputs(plan, updates):
     """Gradients as the inner optimizer sees them: fp32, low-rank where projected."""
@@ -509,32 +640,39 @@ def scale_by_galore(
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
     if _is_placeholder(params):
-      # Not param-shaped: let tree_map_params replicate it (zojax.train.sharding refines it).
-      return GaLoreState(count=zero, projectors=zero, inner_state=zero, low_rank_state=zero,
+      # optax.tree_map_params' placeholder: the projectors and the inner and low-rank state
+      # are the params', so state shardings can follow the params' (zojax.train.sharding).
+      return GaLoreState(count=zero, projectors=GaLoreProjectors(left=params, right=params),
+                         inner_state=inner.init(params),
+                         low_rank_state=() if lrt is None else lrt.init(params),
                          svd_failures=zero, skipped=zero)
-    plan = plan_of(params)
+    plan = make_plan(params, s)
+    plans, treedef = jax.tree.leaves(plan, is_leaf=_is_plan_leaf), jax.tree.structure(params)
     proxies = low_rank_inputs(plan, params)
-    projectors = jax.tree.map(lambda p: None if p is None else _initial_projector(p), plan,
-                              is_leaf=_is_plan_leaf)
+    inner_state = inner.init(proxies)
+    if s.moment_policy == "reproject":  # fail at init, not at the first refresh
+      _refresh_actions(inner, inner_state, treedef, plans, s.moment_policy)
+    projectors = _projectors(treedef, [None if p is None else _initial_projector(p)
+                                       for p in plans])
     low_rank_state = () if lrt is None else lrt.init(only_projected(plan, proxies))
-    return GaLoreState(count=zero, projectors=projectors, inner_state=inner.init(proxies),
+    return GaLoreState(count=zero, projectors=projectors, inner_state=inner_state,
                        low_rank_state=low_rank_state, svd_failures=zero, skipped=zero)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    plan = plan_of(updates)
+    plan = make_plan(updates, s)
     plans = jax.tree.leaves(plan, is_leaf=_is_plan_leaf)
     grads = jax.tree.leaves(updates)
     treedef = jax.tree.structure(updates)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
     # Zeros instead of NaNs downstream, so a bad step cannot count as an SVD failure.
     grads = [jnp.where(finite, g, jnp.zeros_like(g)) for g in grads]
-    old_proj = treedef.flatten_up_to(state.projectors)
+    old_proj = _projector_dicts(treedef, state.projectors)
     count = state.count
     projected_index = [i for i, p in enumerate(plans) if p is not None]
 
     new_proj, low, refreshed, failures = [], [], [], jnp.zeros([], jnp.int32)
-    base_key = jax.random.fold_in(jax.random.key(seed), count)
+    base_key = jax.random.fold_in(jax.random.key(s.seed), count)
     for i, (p, g, old) in enumerate(zip(plans, grads, old_proj)):
       if p is None:
         new_proj.append(None)
@@ -542,15 +680,16 @@ def scale_by_galore(
         refreshed.append(jnp.zeros([], bool))
         continue
       g_m = _to_matrix(g, p)
-      do = _refresh_mask(count, update_proj_gap, projected_index.index(i),
-                         len(projected_index), stagger)
+      do = _refresh_mask(count, s.update_proj_gap, projected_index.index(i),
+                         len(projected_index), s.stagger)
 
       def refresh(g_m=g_m, old=old, p=p, i=i):
         def one(g2, old2, key):
-          if projector == "svd":
+          if s.projector == "svd":
             cand = _exact_projector(g2, p.side, p.rank)
           else:
-            cand = _randomized_projector(g2, old2, key, p.side, p.rank, power_iters, oversample)
+            cand = _randomized_projector(g2, old2, key, p.side, p.rank, s.power_iters,
+                                         s.oversample)
           ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in cand.values()]))
           return jax.tree.map(lambda c, o: jnp.where(ok, c, o), cand, old2), ~ok
         nb = math.prod(p.batch_shape)
@@ -563,18 +702,20 @@ def scale_by_galore(
       failures = failures + bad
       new_proj.append(proj)
       refreshed.append(do)
-      low.append(_project(g_m, proj, p, implementation))
+      low.append(_project(g_m, proj, p, s.implementation))
 
     inner_state = state.inner_state
-    if moment_policy != "keep":
-      inner_state = _apply_moment_policy(inner_state, treedef, plans, old_proj, new_proj,
-                                         refreshed, moment_policy)
+    if s.moment_policy != "keep":
+      actions = _refresh_actions(inner, inner_state, treedef, plans, s.moment_policy)
+      fresh = inner.init(low_rank_inputs(plan, updates)) if s.moment_policy == "reset" else None
+      inner_state = _apply_moment_policy(inner_state, fresh, actions, plans, old_proj, new_proj,
+                                         refreshed)
     low_tree = treedef.unflatten(low)
     lrt_state = state.low_rank_state
     if lrt is not None:
       sub, lrt_state = lrt.update(only_projected(plan, low_tree), lrt_state, None,
                                   refreshed=only_projected(plan, treedef.unflatten(refreshed)))
-      low_tree = jax.tree.map(lambda p, x, s: x if p is None else s, plan, low_tree, sub,
+      low_tree = jax.tree.map(lambda p, x, y: x if p is None else y, plan, low_tree, sub,
                               is_leaf=_is_plan_leaf)
     directions, inner_state = inner.update(low_tree, inner_state, None)
 
@@ -583,10 +724,10 @@ def scale_by_galore(
       if p is None:
         out.append(d.astype(g.dtype))
         continue
-      out.append(_from_matrix(_project_back(d, proj, p, scale, implementation), p, g.dtype))
+      out.append(_from_matrix(_project_back(d, proj, p, scale, s.implementation), p, g.dtype))
 
     new_state = GaLoreState(
-        count=count + 1, projectors=treedef.unflatten(new_proj), inner_state=inner_state,
+        count=count + 1, projectors=_projectors(treedef, new_proj), inner_state=inner_state,
         low_rank_state=lrt_state, svd_failures=state.svd_failures + failures,
         skipped=state.skipped)
     keep = lambda new, old: jax.tree.map(
@@ -597,32 +738,6 @@ def scale_by_galore(
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _apply_moment_policy(inner_state, treedef, plans, old_proj, new_proj, refreshed, policy):
-  """Reset or reproject the inner state leaves that belong to refreshed projected params."""
-  params_paths = [tuple(path) for path, _ in jax.tree_util.tree_flatten_with_path(
-      treedef.unflatten([0] * treedef.num_leaves))[0]]
-  leaves, state_def = jax.tree.flatten(inner_state)
-  owners = _param_of_state_leaves(inner_state, params_paths)
-  out = []
-  for x, owner in zip(leaves, owners):
-    p = None if owner is None else plans[owner]
-    if p is None or np.shape(x) != (*p.batch_shape, *_low_rank_shape(p)):
-      out.append(x)
-      continue
-    if policy == "reset":
-      new = jnp.zeros_like(x)
-    else:
-      if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"galore: moment_policy='reproject' needs float inner state; leaf of "
-                         f"{p.path} is {x.dtype} (e.g. 8-bit moments): use 'keep' or 'reset'")
-      def one(y, old2, new2, side=p.side):
-        return _reproject(y, *_rotation(old2, new2, side))
-      new = _batched(one, p)(x, old_proj[owner], new_proj[owner])
-      new = new.astype(x.dtype)
-    out.append(jnp.where(refreshed[owner], new, x))
-  return jax.tree.unflatten(state_def, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -658,29 +773,6 @@ def scale_by_adam_torch(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def takes_galore_args(*, exclude: tuple[str, ...] = ()):
-  """Decorator: an alias's `**galore_args` are `scale_by_galore`'s keyword arguments.
-
-  The alias spells out only its own arguments; its signature (what `help` and
-  `optax.inject_hyperparams` read) gets GaLore's appended, with their defaults, except
-  `low_rank_transform` and `exclude`, and every call is checked against it.
-  """
-  def wrap(fn):
-    own = inspect.signature(fn)
-    shared = [a for name, a in inspect.signature(scale_by_galore).parameters.items()
-              if a.kind == a.KEYWORD_ONLY and name not in ("low_rank_transform", *exclude)]
-    sig = own.replace(parameters=[a for a in own.parameters.values()
-                                  if a.kind != a.VAR_KEYWORD] + shared)
-
-    @functools.wraps(fn)
-    def alias(*args, **kwargs):
-      sig.bind(*args, **kwargs)  # an unknown or excluded argument: TypeError naming it
-      return fn(*args, **kwargs)
-    alias.__signature__ = sig
-    return alias
-  return wrap
-
-
 def galore_chain(direction: optax.GradientTransformation, learning_rate, weight_decay, mask
                  ) -> optax.GradientTransformationExtraArgs:
   """`direction`, then decoupled weight decay in the full space, then the learning rate."""
@@ -688,26 +780,35 @@ def galore_chain(direction: optax.GradientTransformation, learning_rate, weight_
                      optax.scale_by_learning_rate(learning_rate))
 
 
-@takes_galore_args()
 def galore(
     learning_rate: optax.ScalarOrSchedule,
     inner: optax.GradientTransformation | None = None,
     *,
     weight_decay: float = 0.0,
-    mask: Any = None,
-    **galore_args,
+    scale: float = 0.25,
+    settings: GaLoreSettings = GaLoreSettings(),
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore around `inner`, with decoupled weight decay in the full space and the learning rate.
 
-  `optax.chain(scale_by_galore(inner, ...), add_decayed_weights(weight_decay, mask),
-  scale_by_learning_rate(learning_rate))`: projected leaves move by lr * scale * direction,
-  the others by lr * direction. `inner` should be scale-only (no learning rate). The other
-  arguments are `scale_by_galore`'s.
+  `optax.chain(scale_by_galore(inner, scale=scale, settings=settings),
+  add_decayed_weights(weight_decay, settings.mask), scale_by_learning_rate(learning_rate))`:
+  projected leaves move by lr * scale * direction, the others by lr * direction. `inner`
+  should be scale-only (no learning rate).
+
+  Args:
+    learning_rate: a number or a schedule.
+    inner: see `scale_by_galore`.
+    weight_decay: decoupled, on the leaves `settings.mask` selects.
+    scale: alpha, see `scale_by_galore`.
+    settings: see `GaLoreSettings`.
+
+  Returns:
+    A `GradientTransformationExtraArgs`.
   """
-  return galore_chain(scale_by_galore(inner, **galore_args), learning_rate, weight_decay, mask)
+  direction = scale_by_galore(inner, scale=scale, settings=settings)
+  return galore_chain(direction, learning_rate, weight_decay, settings.mask)
 
 
-@takes_galore_args()
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -715,22 +816,34 @@ def galore_adamw(
     eps: float = 1e-6,
     weight_decay: float = 0.0,
     *,
-    mask: Any = None,
+    scale: float = 0.25,
+    settings: GaLoreSettings = GaLoreSettings(),
     eps_convention: str = "torch",
-    **galore_args,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-AdamW (Zhao et al., 2024, Alg. 2), the official `GaLoreAdamW`.
 
-  Effective learning rate: projected leaves train at `learning_rate * scale` (the paper:
-  lr 0.01, scale 0.25, T 200, rank 128/256/256/512 for 60M/130M/350M/1B); all others at
-  `learning_rate`. Defaults follow galore-torch: eps 1e-6 added outside the uncorrected
-  sqrt (`eps_convention="torch"`; "optax" puts it after bias correction), no weight decay.
-  Weight decay is decoupled and applied in the full space (optax's convention,
-  p -= lr * wd * p, on the pre-update params; torch applies it after the Adam step, a
-  difference of order lr^2 * wd). Other arguments: see `scale_by_galore`.
+    W_t = W_{t-1} - lr * (scale * P_t Adam(P_t^T G_t) + weight_decay * W_{t-1})
+
+  for projected leaves (P_t as in `scale_by_galore`); the others train by plain AdamW.
+  Defaults follow galore-torch: eps 1e-6 added outside the uncorrected sqrt
+  (`eps_convention="torch"`; "optax" puts it after bias correction), no weight decay. The
+  paper: lr 0.01, scale 0.25, T 200, rank 128/256/256/512 for 60M/130M/350M/1B. Weight decay
+  is decoupled and applied in the full space on the pre-update params (optax's convention;
+  torch applies it after the Adam step, a difference of order lr^2 * wd).
+
+  Args:
+    learning_rate: a number or a schedule.
+    b1, b2, eps: Adam's; numbers or traced scalars.
+    weight_decay: decoupled, on the leaves `settings.mask` selects.
+    scale: alpha, the projected leaves' factor on the learning rate.
+    settings: see `GaLoreSettings`.
+    eps_convention: "torch" or "optax".
+
+  Returns:
+    A `GradientTransformationExtraArgs`.
 
   Example:
-    >>> tx = galore_adamw(1e-2, rank=128, update_proj_gap=200, scale=0.25)
+    >>> tx = galore_adamw(1e-2, settings=GaLoreSettings(rank=128, update_proj_gap=200))
   """
   if eps_convention == "torch":
     inner = scale_by_adam_torch(b1=b1, b2=b2, eps=eps)
@@ -738,10 +851,9 @@ def galore_adamw(
     inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32)
   else:
     raise ValueError(f"galore_adamw: eps_convention={eps_convention!r} is not 'torch' or 'optax'")
-  return galore(learning_rate, inner, weight_decay=weight_decay, mask=mask, **galore_args)
+  return galore(learning_rate, inner, weight_decay=weight_decay, scale=scale, settings=settings)
 
 
-@takes_galore_args()
 def galore8bit(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -749,18 +861,27 @@ def galore8bit(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     *,
-    mask: Any = None,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    **galore_args,
+    scale: float = 0.25,
+    settings: GaLoreSettings = GaLoreSettings(),
 ) -> optax.GradientTransformationExtraArgs:
   """8-bit GaLore (the official `GaLoreAdamW8bit`): GaLore around `scale_by_adam8bit`.
 
+    W_t = W_{t-1} - lr * (scale * P_t Adam8bit(P_t^T G_t) + weight_decay * W_{t-1})
+
   Low-rank moments (and the full-rank ones of large non-projected leaves) are stored as
-  blockwise 8-bit codes; eps 1e-8 as bitsandbytes. `moment_policy="reproject"` is not
-  available (the moments are codes): use "keep" or "reset". Other arguments: see
-  `scale_by_galore`.
+  blockwise 8-bit codes (`settings.block_size`, `settings.min_8bit_size`); eps 1e-8 as
+  bitsandbytes. `moment_policy="reproject"` is not available (the moments are codes): use
+  "keep" or "reset".
+
+  Args:
+    learning_rate, b1, b2, eps, weight_decay, scale, settings: as `galore_adamw`.
+
+  Returns:
+    A `GradientTransformationExtraArgs`.
   """
-  inner = scale_by_adam8bit(b1=b1, b2=b2, eps=eps, block_size=block_size,
-                            min_8bit_size=min_8bit_size)
-  return galore(learning_rate, inner, weight_decay=weight_decay, mask=mask, **galore_args)
+  settings = _check_settings("galore8bit", settings)
+  if settings.moment_policy == "reproject":
+    raise ValueError("galore8bit: settings.moment_policy='reproject' cannot rotate 8-bit "
+                     "moments; use 'keep' or 'reset'")
+  inner = scale_by_adam8bit(b1=b1, b2=b2, eps=eps, settings=settings.adam8bit())
+  return galore(learning_rate, inner, weight_decay=weight_decay, scale=scale, settings=settings)

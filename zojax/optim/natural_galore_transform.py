@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import optax
 
-from zojax.optim.galore_transform import (galore_chain, scale_by_adam_torch, scale_by_galore,
-                                takes_galore_args)
+from zojax.optim.galore_transform import (GaLoreSettings, _check_settings, galore_chain,
+                                          scale_by_adam_torch, scale_by_galore)
 
 
 class WoodburyFisherState(NamedTuple):
@@ -51,15 +51,24 @@ def woodbury_fisher_solve(g, history, damping):
   return (gf / damping - gs.T @ z / damping ** 2).reshape(g.shape)
 
 
-def scale_by_woodbury_fisher(history: int = 20, damping: float = 1e-3
+def scale_by_woodbury_fisher(damping: float = 1e-3, *,
+                             settings: GaLoreSettings = GaLoreSettings()
                              ) -> optax.GradientTransformationExtraArgs:
-  """Inverse empirical Fisher over a ring buffer of the last `history` gradients (per matrix).
+  """Inverse empirical Fisher over a ring buffer of the last s low-rank gradients (per matrix).
+
+    u = (damping I + G G^T)^{-1} g,    G = [g_{t-s+1}, ..., g_t]
 
   Meant as GaLore's `low_rank_transform`: leaves are low-rank gradients [*batch, a, b] or
   None; the `refreshed` extra argument (bool scalar per leaf) clears a leaf's history.
+
+  Args:
+    damping: lambda; a number or a traced scalar.
+    settings: its `history` is s (the rest is GaLore's).
+
+  Returns:
+    A `GradientTransformationExtraArgs` with state `WoodburyFisherState`.
   """
-  if history < 1:
-    raise ValueError(f"natural_galore: history={history} must be >= 1")
+  history = _check_settings("scale_by_woodbury_fisher", settings).history
 
   def init_fn(params):
     hist = jax.tree.map(lambda x: jnp.zeros((history, *x.shape), jnp.float32), params)
@@ -89,7 +98,6 @@ def scale_by_woodbury_fisher(history: int = 20, damping: float = 1e-3
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@takes_galore_args(exclude=("moment_policy",))
 def natural_galore(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -97,21 +105,30 @@ def natural_galore(
     eps: float = 1e-6,
     weight_decay: float = 0.0,
     *,
-    history: int = 20,
+    scale: float = 0.25,
     damping: float = 1e-3,
-    mask: Any = None,
-    **galore_args,
+    settings: GaLoreSettings = GaLoreSettings(),
 ) -> optax.GradientTransformationExtraArgs:
   """Natural GaLore-AdamW: GaLore-AdamW whose low-rank gradients are Fisher-preconditioned first.
 
-  Same learning-rate convention as `galore_adamw` (projected leaves at lr * scale). Moments
-  are kept at a refresh (the official policy); the Fisher history is cleared. Other
-  arguments: see `zojax.optim.scale_by_galore`.
+    W_t = W_{t-1} - lr * (scale * P_t Adam(F_t^{-1} P_t^T G_t) + weight_decay * W_{t-1})
+
+  Same learning-rate convention as `galore_adamw` (projected leaves at lr * scale). The
+  Fisher history (`settings.history` gradients) is cleared at a refresh; the moments follow
+  `settings.moment_policy` ("keep", the official policy, by default).
+
+  Args:
+    learning_rate, b1, b2, eps, weight_decay, scale: as `zojax.optim.galore_adamw`.
+    damping: lambda of the empirical Fisher; a number or a traced scalar.
+    settings: as `zojax.optim.galore_adamw`; its `history` is s.
+
+  Returns:
+    A `GradientTransformationExtraArgs`.
 
   Example:
-    >>> tx = natural_galore(1e-2, rank=128, history=20, damping=1e-3)
+    >>> tx = natural_galore(1e-2, damping=1e-3, settings=GaLoreSettings(rank=128, history=20))
   """
   direction = scale_by_galore(
-      scale_by_adam_torch(b1=b1, b2=b2, eps=eps), **galore_args,
-      low_rank_transform=scale_by_woodbury_fisher(history=history, damping=damping))
-  return galore_chain(direction, learning_rate, weight_decay, mask)
+      scale_by_adam_torch(b1=b1, b2=b2, eps=eps), scale=scale, settings=settings,
+      low_rank_transform=scale_by_woodbury_fisher(damping, settings=settings))
+  return galore_chain(direction, learning_rate, weight_decay, settings.mask)

@@ -63,48 +63,46 @@ def param_shardings(shapes: Any, axes: Any, rules, mesh: Mesh) -> Any:
 
 def optimizer_state_shardings(tx: optax.GradientTransformation, state_shapes: Any,
                               params_shardings: Any, mesh: Mesh, param_shapes: Any = None) -> Any:
-  """Param-shaped optimizer state (Adam moments, ...) shards like the params; the rest replicates.
+  """Optimizer state shards like the param it belongs to; the rest replicates.
 
-  With `param_shapes`, state that is not param-shaped but belongs to a param (GaLore's
-  low-rank moments and projectors, 8-bit scales: a leaf whose key path contains the param's)
-  shards each of its trailing axes like the param's axis of the same size, aligned from the
-  right, so e.g. [L, m, r] moments of an [L, m, n] kernel keep m's mesh axis.
+  `optax.tree_map_params` finds each param's state: its moments, and what a transform marks
+  as the param's (GaLore's low-rank moments and projectors, 8-bit scales). With
+  `param_shapes`, each trailing axis of such a leaf takes the mesh axis of the param's axis
+  of the same size, aligned from the right, so e.g. [L, m, r] moments of an [L, m, n] kernel
+  keep m's mesh axis and param-shaped state shards exactly like the param. Without it, a
+  leaf takes the param's sharding where that divides the leaf's shape, else replicates.
   """
   replicated = NamedSharding(mesh, P())
-  out = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, state_shapes, params_shardings,
-      transform_non_params=lambda _: replicated)
-  # A transform may mark a whole subtree non-param (one sharding for it): expand it to leaves.
-  out = jax.tree.map(lambda sh, sub: jax.tree.map(lambda _: sh, sub), out, state_shapes,
-                     is_leaf=lambda x: isinstance(x, NamedSharding))
-  if param_shapes is None:
-    return out
-  return _shard_like_owner(out, state_shapes, param_shapes, params_shardings, mesh)
 
-
-def _shard_like_owner(state_sh, state_shapes, param_shapes, params_shardings, mesh):
-  params = jax.tree_util.tree_flatten_with_path(param_shapes)[0]
-  param_sh = jax.tree.leaves(params_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(state_shapes)
-  shardings = jax.tree.leaves(state_sh, is_leaf=lambda x: isinstance(x, NamedSharding))
-  out = []
-  for (path, leaf), sh in zip(leaves, shardings):
-    owner, length = None, 0
-    for (ppath, pshape), psh in zip(params, param_sh):
-      k = len(ppath)
-      if k > length and any(tuple(path[s:s + k]) == tuple(ppath) for s in range(len(path) - k + 1)):
-        owner, length = (pshape, psh), k
-    if owner is None or sh.spec != P() or not getattr(leaf, "ndim", 0):
-      out.append(sh)
-      continue
-    pshape, psh = owner
-    pspec = list(psh.spec) + [None] * (len(pshape.shape) - len(psh.spec))
-    spec = [None] * leaf.ndim
-    for i in range(1, min(leaf.ndim, len(pshape.shape)) + 1):
-      if leaf.shape[-i] == pshape.shape[-i]:
+  def like_param(leaf, param_sharding, param_shape=None):
+    if leaf is None:  # a param this transform keeps no state for (GaLore: not projected)
+      return None
+    shape, pspec = tuple(leaf.shape), tuple(param_sharding.spec)
+    if param_shape is None:
+      fits = len(pspec) <= len(shape) and all(
+          a is None or shape[i] % math.prod(mesh.shape[x] for x in _axes(a)) == 0
+          for i, a in enumerate(pspec))
+      return param_sharding if fits else replicated
+    pshape = tuple(param_shape.shape)
+    pspec += (None,) * (len(pshape) - len(pspec))
+    spec = [None] * len(shape)
+    for i in range(1, min(len(shape), len(pshape)) + 1):
+      if shape[-i] == pshape[-i]:
         spec[-i] = pspec[-i]
-    out.append(NamedSharding(mesh, P(*spec)))
-  return jax.tree.unflatten(jax.tree.structure(state_shapes), out)
+    return NamedSharding(mesh, P(*spec))
+
+  rest = (params_shardings,) if param_shapes is None else (params_shardings, param_shapes)
+  out = optax.tree_map_params(tx, like_param, state_shapes, *rest,
+                              transform_non_params=lambda _: replicated,
+                              is_leaf=lambda x: x is None)
+  # A transform may mark a whole subtree non-param (one sharding for it): expand it to leaves.
+  return jax.tree.map(lambda sh, sub: jax.tree.map(lambda _: sh, sub), out, state_shapes,
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (a name or a tuple of names)."""
+  return entry if isinstance(entry, tuple) else (entry,)
 
 
 def batch_sharding(mesh: Mesh, data_axis: str = "data") -> NamedSharding:
