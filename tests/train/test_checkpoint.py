@@ -3,6 +3,8 @@
 import logging
 import pathlib
 import shutil
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -124,3 +126,19 @@ def test_none_restores_is_a_one_line_error_and_moves_nothing(run_dir):
     checkpoint.restore_latest(mngr, _abstract())
   assert "step 4" in str(e.value) and "\n" not in str(e.value)
   assert mngr.all_steps() == [2, 4] and not (run_dir.parent / "checkpoints_damaged").exists()
+
+
+def test_late_reads_of_a_failed_restore_stay_off_stderr(monkeypatch):
+  # Reads still in flight when orbax gives up finish later and hit its closed event loop;
+  # Python would print each as "Exception ignored ... Event loop is closed", at any time.
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoint._quiet_restore_debris()
+  hook = sys.unraisablehook
+  checkpoint._quiet_restore_debris()
+  assert sys.unraisablehook is hook  # installed once, not stacked per restore
+  late = types.SimpleNamespace(object=None, exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(object=None, exc_value=RuntimeError("something else"))
+  sys.unraisablehook(late)
+  sys.unraisablehook(other)
+  assert seen == [other]

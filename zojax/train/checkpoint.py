@@ -105,18 +105,45 @@ def abstract(tree: Any, shardings: Any) -> Any:
 
 def _attempt(mngr: ocp.CheckpointManager, step: int, abstract_state: Any):
   """(state, meta) of `step`, or a line saying why it does not restore."""
-  # When one array read fails, orbax abandons the others mid-flight, and Python prints each
-  # one's error as a page-long "Exception ignored" traceback when it is collected; the line
-  # returned here says what matters, so those are only logged at debug level.
-  hook = sys.unraisablehook
-  sys.unraisablehook = lambda u: log.debug("while restoring step %d: %r", step, u.exc_value)
+  global _attempting
+  _quiet_restore_debris()
+  _attempting = True
   try:
     return _restore(mngr, step, abstract_state)
   except Exception as e:  # noqa: BLE001  (tensorstore, JSON, a missing file: all unreadable)
     return _one_line(e)
   finally:
-    gc.collect()
-    sys.unraisablehook = hook
+    gc.collect()  # the abandoned reads' coroutines, while their errors are still dropped
+    _attempting = False
+
+
+_attempting = False  # whether `_attempt` is running
+
+
+def _quiet_restore_debris() -> None:
+  """Keeps the debris of a failed orbax restore off stderr (a hook installed once).
+
+  When one array read fails, orbax abandons the others and closes its event loop. Python
+  then prints each abandoned read's error as a page-long "Exception ignored" traceback when
+  its coroutine is collected (inside `_attempt`), and each read still in flight in
+  tensorstore prints "RuntimeError: Event loop is closed" when it finishes, at any later
+  time. The one line `_attempt` returns says what matters, so these go to the debug log;
+  any other unraisable exception reaches the hook that was there before.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "zojax_restore_debris", False):
+    return
+
+  def hook(u):
+    late_read = (u.object is None and isinstance(u.exc_value, RuntimeError)
+                 and str(u.exc_value) == "Event loop is closed")
+    if _attempting or late_read:
+      log.debug("ignored after a failed checkpoint read: %r", u.exc_value)
+    else:
+      previous(u)
+
+  hook.zojax_restore_debris = True
+  sys.unraisablehook = hook
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any):
