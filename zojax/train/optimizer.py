@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import optax
 
-from zojax.optim.adam8bit_transform import adam8bit
-from zojax.optim.galore_transform import galore8bit, galore_adamw
+from zojax.optim.adam8bit_transform import Adam8bitSettings, adam8bit
+from zojax.optim.galore_transform import GaLoreSettings, galore8bit, galore_adamw
 from zojax.optim.natural_galore_transform import natural_galore
 from zojax.optim import zo as zo_optim
 from zojax.optim.masks import decay_mask
+from zojax.optim.skip import skip_nonfinite
 
 SCHEDULES = ("constant", "linear", "cosine")
 GALORE = ("galore_adamw", "galore8bit", "natural_galore")  # read settings from optim.galore
@@ -49,8 +50,8 @@ def build(cfg, total_steps: int) -> optax.GradientTransformation:
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask),
                      optax.sgd(lr, momentum=cfg.momentum or None))
   elif cfg.name == "adam8bit":
-    tx = adam8bit(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                               weight_decay=cfg.weight_decay, mask=decay_mask)
+    tx = adam8bit(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                  settings=Adam8bitSettings(mask=decay_mask))
   elif cfg.name in GALORE:
     tx = _galore(cfg, lr)
   elif cfg.name == "zo_sgd":
@@ -64,7 +65,7 @@ def build(cfg, total_steps: int) -> optax.GradientTransformation:
   if cfg.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
   # A non-finite loss or gradient leaves params and state as they were, and is counted.
-  return zo_optim.skip_nonfinite(tx)
+  return skip_nonfinite(tx)
 
 
 def layerwise(cfg, total_steps: int):
@@ -83,11 +84,13 @@ def _galore(cfg, lr) -> optax.GradientTransformation:
   """GaLore family from `cfg.galore` (see configs/common.galore_settings). Projected leaves
   train at learning_rate * galore.scale (the official convention)."""
   g = cfg.galore
+  settings = GaLoreSettings(rank=g.rank, update_proj_gap=g.update_proj_gap,
+                            proj_type=g.proj_type, projector=g.projector,
+                            power_iters=g.power_iters, stagger=g.stagger,
+                            moment_policy=g.moment_policy, history=g.history, mask=decay_mask)
   common = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                mask=decay_mask, rank=g.rank, update_proj_gap=g.update_proj_gap, scale=g.scale,
-                proj_type=g.proj_type, projector=g.projector, power_iters=g.power_iters,
-                stagger=g.stagger)
+                scale=g.scale, settings=settings)
   if cfg.name == "natural_galore":
-    return natural_galore(lr, history=g.history, damping=g.damping, **common)
+    return natural_galore(lr, damping=g.damping, **common)
   factory = galore_adamw if cfg.name == "galore_adamw" else galore8bit
-  return factory(lr, moment_policy=g.moment_policy, **common)
+  return factory(lr, **common)
