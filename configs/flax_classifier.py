@@ -11,13 +11,13 @@ beside the params, checkpointed, updated after every step, never touched by the 
 
 Variants (comma-separated in the arg):
   tiny        20 steps of a smaller net on fewer examples: the plumbing, in CPU seconds.
-  opt=NAME    adamw (default) | galore_adamw (the mlp/ kernels projected) | zo_sgd (MeZO),
-              each with its own learning rate below.
-  steps=T     training steps.
+  opt=NAME    adamw (default) | galore_adamw (the mlp/ kernels projected, rank 8) |
+              zo_sgd (MeZO), each with its own learning rate and steps below.
+  steps=T     training steps (0: the optimizer's default).
 
-Expect (2 CPU cores, default variant, seconds to minutes): test accuracy from ~0.25 at
-step 0 to well above chance after adamw or galore_adamw; zo_sgd moves much more slowly
-(SPSA on ~6k parameters), and its loss should fall without reaching AdamW's accuracy.
+Expect (seed 0, 2 shared CPU cores; test accuracy, chance 0.25): adamw 0.20 -> 0.81 in 300
+steps (~30 s in all); galore_adamw 0.20 -> 0.82 in 300 steps; zo_sgd 0.20 -> 0.39 in 3000
+steps (~55 s): SPSA on ~4.7k weights from scratch is slow, and lr 1e-2 diverges.
 """
 
 import ml_collections
@@ -25,7 +25,8 @@ import ml_collections
 from configs import common
 
 OPTIMIZERS = ("adamw", "galore_adamw", "zo_sgd")
-LEARNING_RATES = {"adamw": 3e-3, "galore_adamw": 3e-3, "zo_sgd": 1e-3}
+LEARNING_RATES = {"adamw": 3e-3, "galore_adamw": 3e-3, "zo_sgd": 3e-3}
+STEPS = {"adamw": 300, "galore_adamw": 300, "zo_sgd": 3000}
 
 
 def oriented_bars_task() -> ml_collections.ConfigDict:
@@ -41,7 +42,7 @@ def oriented_bars_task() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, tiny=False, opt="adamw", steps=300)
+  arg = common.parse_arg(arg, tiny=False, opt="adamw", steps=0)
   if arg.opt not in OPTIMIZERS:
     raise ValueError(f"config arg opt={arg.opt!r} is not one of {OPTIMIZERS}")
   c = common.base_config()
@@ -60,11 +61,11 @@ def get_config(arg=None):
   c.optim.galore.update_proj_gap = 50
   c.optim.galore.scale = 1.0
   c.zo.eps = 1e-3
-  c.train.steps = arg.steps
+  c.train.steps = arg.steps or STEPS[arg.opt]
   c.train.batch_size = 32
   c.train.eval_batch_size = 256
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
+  c.train.eval_every = max(c.train.steps // 3, 1)
+  c.train.checkpoint_every = max(c.train.steps // 3, 1)
   if arg.tiny:
     c.task.num_train = 256
     c.task.num_eval = 64
@@ -73,7 +74,7 @@ def get_config(arg=None):
     c.optim.galore.rank = 4
     c.optim.galore.update_proj_gap = 5
     c.optim.warmup_steps = 0
-    c.train.steps = 20
+    c.train.steps = arg.steps or 20
     c.train.batch_size = 16
     c.train.eval_batch_size = 32
     c.train.eval_every = 0
