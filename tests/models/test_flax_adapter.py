@@ -189,6 +189,28 @@ def test_jit_matches_eager_and_rng_is_fixed(toy):
   assert jax.jit(toy.init)(jax.random.key(0))["mlp"]["kernel"].shape == (3, 8)
 
 
+def test_dropout_draws_a_fixed_mask_from_rng_seed():
+  class Drop(nnx.Module):
+    def __init__(self, rngs):
+      self.mlp = nnx.Linear(3, 64, rngs=rngs)
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+      return self.drop(self.mlp(x))
+
+  model = models.from_flax(Drop, toy_loss)
+  params, batch = model.init(jax.random.key(0)), toy_batch()
+  assert model.init_state(jax.random.key(0)) == {}   # RNG state is not model state
+  train = jax.jit(model.loss)(params, {}, batch)[0]
+  np.testing.assert_array_equal(train, jax.jit(model.loss)(params, {}, batch)[0])
+  np.testing.assert_allclose(train, model.loss(params, {}, batch)[0], rtol=1e-6)
+  # Not vacuous: dropout is active in training mode (eval mode differs), and the mask
+  # depends on rng_seed.
+  eval_batch = {**batch, "weight": np.ones(6, np.float32)}
+  assert train != model.loss(params, {}, eval_batch)[0]
+  assert train != models.from_flax(Drop, toy_loss, rng_seed=1).loss(params, {}, batch)[0]
+
+
 # ---------------------------------------------------------------------------------------
 # The synthetic task and the registered network
 
