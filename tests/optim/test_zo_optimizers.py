@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zojax import optim, zo
+from zojax.optim import zo as zo_optim
 from zojax.train import sharding
 from zojax.optim.masks import decay_mask
 
@@ -191,9 +192,104 @@ def test_bad_inputs_are_one_line_errors():
   params = _params()
   tx = optim.zo_sgd(LR)
   dense = jax.tree.map(jnp.ones_like, params)
-  with pytest.raises(ValueError, match=r"^skip_nonfinite expects updates to be a zojax.zo.ZOGrad, "
+  with pytest.raises(ValueError, match=r"^materialize\(\) expects updates to be a zojax.zo.ZOGrad, "
                                        r"got dict$"):
     tx.update(dense, tx.init(params), params)
   m = optim.materialize()
   with pytest.raises(ValueError, match=r"^materialize\(\) needs params"):
     m.update(_zograd(), m.init(params))
+  with pytest.raises(ValueError, match=r"^direction must be zojax.optim.materialize\(\) or "
+                                       r"scale_by_zo_sign\(\), got GradientTransformation"):
+    zo_optim.zo_optimizer(optax.identity(), optax.scale(-LR))
+
+
+# Written as a user writes them: only learning_rate, or with structural arguments too.
+INJECTED = {
+    "zo_sgd": (optim.zo_sgd, dict(learning_rate=1e-3)),
+    "zo_sgd_nesterov_schedule": (optim.zo_sgd, dict(
+        learning_rate=optax.linear_schedule(1e-3, 5e-4, 2), momentum=0.9, nesterov=True,
+        mask=None)),
+    "zo_adam": (optim.zo_adam, dict(learning_rate=1e-3)),
+    "zo_sign": (optim.zo_sign, dict(learning_rate=1e-3)),
+}
+
+
+def _two_jitted_steps(tx, params):
+  update = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  state, states = tx.init(params), []
+  for step in range(2):
+    updates, state = update(params, state, _zograd(step=step))
+    params = optax.apply_updates(params, updates)
+    states.append(state)
+  return params, states
+
+
+@pytest.mark.parametrize("name", INJECTED)
+def test_inject_hyperparams_as_written(name):
+  factory, kwargs = INJECTED[name]
+  params = _params()
+  got, states = _two_jitted_steps(optax.inject_hyperparams(factory)(**kwargs), params)
+  # The learning rate each update used is logged in its state: a constant, or the schedule
+  # at steps 0 and 1.
+  scheduled = callable(kwargs["learning_rate"])
+  np.testing.assert_allclose([float(s.hyperparams["learning_rate"]) for s in states],
+                             [1e-3, 7.5e-4] if scheduled else [1e-3, 1e-3], rtol=1e-6)
+  assert int(states[-1].count) == 2 and int(states[-1].inner_state.skipped) == 0
+  # The same two steps as the optimizer built directly (float32 hyperparameters aside).
+  want, _ = _two_jitted_steps(factory(**kwargs), params)
+  for a, b, p0 in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(a, p0)
+
+
+def test_callable_mask_under_inject_hyperparams():
+  params, g = _params(), _zograd()
+  plain = optim.zo_sgd(LR, weight_decay=WD, mask=decay_mask)
+  want, _ = plain.update(g, plain.init(params), params)
+  # inject_hyperparams takes any callable for a schedule and would hand zo_sgd
+  # decay_mask(step) = True, decaying the norms too: refused in one line, naming the fix.
+  injected = optax.inject_hyperparams(optim.zo_sgd)(learning_rate=LR, weight_decay=WD,
+                                                    mask=decay_mask)
+  with pytest.raises(ValueError, match=r"^mask=True must be None, a callable or a tree of "
+                                       r"bools; .*static_args='mask'$"):
+    injected.init(params)
+  tx = optax.inject_hyperparams(optim.zo_sgd, static_args="mask")(
+      learning_rate=LR, weight_decay=WD, mask=decay_mask)
+  got, _ = tx.update(g, tx.init(params), params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_skip_nonfinite_on_gradient_trees_and_on_the_zograd_flag():
+  params = _params()
+  tx = optim.skip_nonfinite(optax.adam(LR))
+  grads = jax.tree.map(jnp.ones_like, params)
+  update = jax.jit(tx.update)
+  updates, state = update(grads, tx.init(params), params)
+  assert int(state.skipped) == 0 and float(jnp.abs(updates["blocks"]["wq"]).max()) > 0
+  # One non-finite element of one leaf skips the whole step: zero updates, state kept.
+  bad = {**grads, "head": {"final_norm": grads["head"]["final_norm"].at[3].set(jnp.inf)}}
+  updates2, state2 = update(bad, state, params)
+  assert int(state2.skipped) == 1
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates2))
+  for a, b in zip(jax.tree.leaves(state2.inner_state), jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(a, b)
+  # A ZOGrad is judged by its flag (which covers the losses), not by its coefficients: a
+  # check of the update values alone (optax.apply_if_finite) would apply this step.
+  zo_tx = optim.zo_sgd(LR)
+  flagged = _zograd(coeffs=(0.7, -1.3), finite=False)
+  updates3, state3 = zo_tx.update(flagged, zo_tx.init(params), params)
+  assert int(state3.skipped) == 1
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates3))
+
+
+def test_tree_masks_run_dense_only_and_leaf_masks_are_refused():
+  params = _params()
+  tree = jax.tree.map(lambda _: True, params)
+  for factory in (optim.zo_sgd, optim.zo_adam, optim.zo_sign):
+    assert isinstance(factory(LR), zo_optim.ZOOptimizer)
+    tx = factory(LR, weight_decay=WD, mask=tree)
+    assert not isinstance(tx, zo_optim.ZOOptimizer)  # a tree fits the whole model only
+    tx.update(_zograd(), tx.init(params), params)
+    with pytest.raises(ValueError, match=r"^mask=True must be None, a callable or a tree"):
+      factory(LR, mask=True)

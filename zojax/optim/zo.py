@@ -6,13 +6,24 @@ that regenerate z); they return dense updates shaped like the parameters, so
 
   * directions: `materialize` (ĝ = (1/n) Σ c_i z_i, to chain with any optax optimizer) and
     `scale_by_zo_sign` (sign(ĝ), formed in float32);
-  * aliases: `zo_sgd` (MeZO, Malladi et al. 2023, Algorithm 1), `zo_adam` (MeZO-Adam) and
-    `zo_sign` (ZO-signSGD, Liu et al. 2019), each wrapped in `skip_nonfinite`.
+  * optimizers: `zo_optimizer(direction, *post)` is ``skip_nonfinite(chain(direction,
+    *post))`` with ``post`` elementwise; `zo_sgd` (MeZO, Malladi et al. 2023, Algorithm 1),
+    `zo_adam` (MeZO-Adam) and `zo_sign` (ZO-signSGD, Liu et al. 2019) are built by it.
 
-`skip_nonfinite` makes a step whose estimate is flagged non-finite a no-op: zero updates,
-inner state unchanged, a skip counter incremented. Wrap your own chains in it too:
-``skip_nonfinite(optax.chain(materialize(), optax.adamw(1e-4)))``; a bare chain passes a
-NaN estimate on as NaN gradients.
+Each optimizer is defined here once, and both engines run that one definition: the dense one
+(`zojax.zo.make_apply`, `zojax.zo.replay`) on the whole tree, the streamed one
+(`zojax.zo.StreamEngine`) one parameter group (a layer, embed, head) at a time. For that
+the engine passes the extra argument ``zo_estimate(zograd, group_params, dtype)``, which forms
+ĝ for the group it updates; the direction transforms call it instead of `materialize`'s whole
+tree. Since ``post`` acts on each leaf on its own, one group with its slice of the state is
+the same arithmetic as the whole tree. The returned type, `ZOOptimizer`, records that promise;
+wrappers (``optax.chain``, ``optax.inject_hyperparams``) return plain transforms, which the
+streamed engine refuses.
+
+`skip_nonfinite` (`zojax.optim.skip`) makes a step whose estimate is flagged non-finite a
+no-op: zero updates, inner state unchanged, a skip counter incremented. Wrap your own chains
+in it too: ``skip_nonfinite(optax.chain(materialize(), optax.adamw(1e-4)))``; a bare chain
+passes a NaN estimate on as NaN gradients.
 
 Random-number passes: the update regenerates each z_i exactly once (n draws per leaf for n
 samples), one layer at a time, summed in a float32 accumulator and consumed by the
@@ -24,58 +35,53 @@ makes 2 passes over the parameters' z, against MeZO's 4.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from zojax.optim.masks import decay_mask
+from zojax.optim.skip import SkipNonfiniteState, skip_nonfinite
 from zojax.zo.spsa import ZOGrad, materialize as materialize_estimate
 
+class ZOOptimizer(optax.GradientTransformationExtraArgs):
+  """A ZO optimizer that may be applied one parameter group at a time (see `zo_optimizer`).
 
-def _check_zograd(updates, who: str):
-  if not isinstance(updates, ZOGrad):
-    raise ValueError(f"{who} expects updates to be a zojax.zo.ZOGrad, got "
-                     f"{type(updates).__name__}")
-
-
-class SkipNonfiniteState(NamedTuple):
-  """State of `skip_nonfinite`."""
-
-  inner_state: Any
-  skipped: jax.Array  # int32 []: steps skipped because the estimate was not finite
-
-
-def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """Applies `inner` to finite estimates; a non-finite one gives zero updates and no state change.
-
-  Args:
-    inner: a transform consuming a `ZOGrad`.
-
-  Returns:
-    A transform with state `SkipNonfiniteState`. Inner state keeps its dtypes from init.
+  An ordinary optax transform; the type only records that everything after its direction is
+  elementwise, which the streamed engine needs and cannot check itself.
   """
-  inner = optax.with_extra_args_support(inner)
+
+  __slots__ = ()
+
+
+class _Direction(optax.GradientTransformationExtraArgs):
+  """A direction transform: consumes a ZOGrad and honours the ``zo_estimate`` extra arg."""
+
+  __slots__ = ()
+
+
+def _direction(who: str, form: Callable) -> _Direction:
+  """A stateless transform ``form(estimate, params)``; ``estimate(dtype)`` gives ĝ."""
 
   def init_fn(params):
-    return SkipNonfiniteState(inner_state=inner.init(params),
-                              skipped=jnp.zeros([], jnp.int32))
+    del params
+    return optax.EmptyState()
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _check_zograd(updates, "skip_nonfinite")
-    finite = updates.finite
-    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-    new_inner = jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype),
-                             new_inner, state.inner_state)
-    skipped = state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
-    return new_updates, SkipNonfiniteState(inner_state=new_inner, skipped=skipped)
+  def update_fn(updates, state, params=None, *, zo_estimate=None, **extra_args):
+    del extra_args
+    if not isinstance(updates, ZOGrad):
+      raise ValueError(f"{who} expects updates to be a zojax.zo.ZOGrad, got "
+                       f"{type(updates).__name__}")
+    if params is None:
+      raise ValueError(f"{who} needs params: call update(zograd, state, params)")
+    estimate = zo_estimate or materialize_estimate
+    return form(lambda dtype: estimate(updates, params, dtype=dtype), params), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _Direction(init_fn, update_fn)
 
 
-def materialize(*, dtype=None) -> optax.GradientTransformation:
+def materialize(*, dtype=None) -> optax.GradientTransformationExtraArgs:
   """The dense estimate from a `ZOGrad`, to chain with any optax optimizer.
 
   ĝ = (1/n) Σ_i c_i z_i  (MeZO Eq. 1), each z_i regenerated once.
@@ -86,43 +92,57 @@ def materialize(*, dtype=None) -> optax.GradientTransformation:
   Returns:
     A stateless transform; `update` needs `params` (for shapes).
   """
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    _check_zograd(updates, "materialize()")
-    if params is None:
-      raise ValueError("materialize() needs params: call update(zograd, state, params)")
-    return materialize_estimate(updates, params, dtype=dtype), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _direction("materialize()", lambda estimate, params: estimate(dtype))
 
 
-def scale_by_zo_sign() -> optax.GradientTransformation:
+def _sign(estimate, params):
+  # The sum over samples is taken in float32 whatever the parameters' dtype.
+  return jax.tree.map(lambda d, p: jnp.sign(d).astype(p.dtype), estimate(jnp.float32), params)
+
+
+def scale_by_zo_sign() -> optax.GradientTransformationExtraArgs:
   """sign(ĝ): the ZO-signSGD direction (Liu et al. 2019, Eq. 3), the sum taken in float32.
 
   Returns:
     A stateless transform; `update` needs `params`.
   """
+  return _direction("scale_by_zo_sign()", _sign)
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
-    _check_zograd(updates, "scale_by_zo_sign()")
-    if params is None:
-      raise ValueError("scale_by_zo_sign() needs params: call update(zograd, state, params)")
-    g = materialize_estimate(updates, params, dtype=jnp.float32)
-    return jax.tree.map(lambda d, p: jnp.sign(d).astype(p.dtype), g, params), state
+def zo_optimizer(direction: optax.GradientTransformation,
+                 *post: optax.GradientTransformation) -> ZOOptimizer:
+  """A ZO optimizer: ``skip_nonfinite(chain(direction, *post))``, streamable.
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  Args:
+    direction: `materialize()` or `scale_by_zo_sign()`.
+    *post: transforms that treat every leaf on its own (moments, scaling, weight decay with
+      a callable mask); not checked. A transform that mixes leaves (``clip_by_global_norm``)
+      would update a streamed model, one group at a time, differently from a dense one.
+
+  Returns:
+    A `ZOOptimizer` consuming `ZOGrad`s, state `SkipNonfiniteState` whose ``inner_state`` is
+    the chain's tuple (direction's, then each of ``post``'s).
+  """
+  if not isinstance(direction, _Direction):
+    raise ValueError(f"direction must be zojax.optim.materialize() or scale_by_zo_sign(), got "
+                     f"{type(direction).__name__}")
+  return ZOOptimizer(*skip_nonfinite(optax.chain(direction, *post)))
 
 
 def _decay(weight_decay, mask):
+  if mask is not None and not callable(mask) and jax.tree_util.treedef_is_leaf(
+      jax.tree.structure(mask)):
+    # optax.inject_hyperparams calls a callable mask as a schedule and passes on its value
+    # for the step count (decay_mask gives True): refuse it rather than decay every leaf.
+    raise ValueError(f"mask={mask!r:.40} must be None, a callable or a tree of bools; under "
+                     "optax.inject_hyperparams pass a callable mask with static_args='mask'")
   return optax.add_decayed_weights(weight_decay, decay_mask if mask is None else mask)
+
+
+def _build(direction, parts, mask) -> optax.GradientTransformationExtraArgs:
+  tx = zo_optimizer(direction, *parts)
+  # A tree mask fits the whole parameter tree only, not one group of it: dense use only.
+  return tx if mask is None or callable(mask) else optax.GradientTransformationExtraArgs(*tx)
 
 
 def zo_sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
@@ -136,17 +156,18 @@ def zo_sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
       even 0.0, keeps one so `inject_hyperparams` can schedule it).
     weight_decay: λ, coupled as in MeZO.
     nesterov: Nesterov momentum.
-    mask: where weight decay applies; None uses `zojax.optim.masks.decay_mask` (no decay
-      on norms and biases).
+    mask: where weight decay applies: a callable (params -> bool tree) or a bool tree; None
+      uses `zojax.optim.masks.decay_mask` (no decay on norms and biases).
 
   Returns:
-    A transform consuming `ZOGrad`s, state `SkipNonfiniteState`.
+    A `ZOOptimizer` consuming `ZOGrad`s, state `SkipNonfiniteState`; with a tree `mask`, a
+    plain transform (a tree fits the whole model, so the streamed engine cannot use it).
   """
-  parts = [materialize(), _decay(weight_decay, mask)]
+  parts = [_decay(weight_decay, mask)]
   if momentum is not None:
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.scale_by_learning_rate(learning_rate))
-  return skip_nonfinite(optax.chain(*parts))
+  return _build(materialize(), parts, mask)
 
 
 def zo_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
@@ -160,14 +181,14 @@ def zo_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 
     b2: second-moment decay.
     eps: added to the root second moment.
     weight_decay: λ, decoupled (AdamW).
-    mask: where weight decay applies; None uses `decay_mask`.
+    mask: where weight decay applies (as in `zo_sgd`).
 
   Returns:
-    A transform consuming `ZOGrad`s, state `SkipNonfiniteState`.
+    A `ZOOptimizer` (as `zo_sgd`).
   """
-  return skip_nonfinite(optax.chain(
-      materialize(), optax.scale_by_adam(b1=b1, b2=b2, eps=eps), _decay(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate)))
+  parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), _decay(weight_decay, mask),
+           optax.scale_by_learning_rate(learning_rate)]
+  return _build(materialize(), parts, mask)
 
 
 def zo_sign(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0, *,
@@ -177,10 +198,16 @@ def zo_sign(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0, *,
   Args:
     learning_rate: η, a float or schedule.
     weight_decay: λ, decoupled.
-    mask: where weight decay applies; None uses `decay_mask`.
+    mask: where weight decay applies (as in `zo_sgd`).
 
   Returns:
-    A transform consuming `ZOGrad`s, state `SkipNonfiniteState`.
+    A `ZOOptimizer` (as `zo_sgd`).
   """
-  return skip_nonfinite(optax.chain(
-      scale_by_zo_sign(), _decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate)))
+  parts = [_decay(weight_decay, mask), optax.scale_by_learning_rate(learning_rate)]
+  return _build(scale_by_zo_sign(), parts, mask)
+
+
+__all__ = [
+    "SkipNonfiniteState", "ZOOptimizer", "materialize", "scale_by_zo_sign",
+    "skip_nonfinite", "zo_adam", "zo_optimizer", "zo_sgd", "zo_sign",
+]
