@@ -9,15 +9,17 @@ import sys
 
 STEPS = 3
 MESH = (2, 4)
-LAYOUT = dict(branch_group=1, data_chunks=4, slice_blocks=True)
+# The unit decomposition: engine settings, the same on every mesh (which only has to divide it).
+SETTINGS = dict(branch_group=1, microbatches=4)
 
 
 def problem():
-  """(engine factory, initial params, batch(t), key): imports jax lazily."""
+  """(engine factory(layout, **settings), initial params, batch(t), key): imports jax lazily."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
+  from zojax import optim
   from zojax.models import llama
   from zojax.zo import stream
 
@@ -30,9 +32,10 @@ def problem():
     tokens = rng.integers(0, cfg.vocab_size, (8, 8)).astype(np.int32)
     return {"tokens": tokens, "targets": np.roll(tokens, -1, 1)}
 
-  def engine(layout):
-    update = stream.layerwise_sgd(1e-2, momentum=0.9, weight_decay=0.01)
-    return stream.StreamEngine(model, update, eps=1e-3, layout=layout)
+  def engine(layout, **settings):
+    update = optim.zo_sgd(1e-2, momentum=0.9, weight_decay=0.01)
+    return stream.StreamEngine(model, update, eps=1e-3, layout=layout,
+                               **{**SETTINGS, **settings})
 
   del jnp
   return engine, params, batch, jax.random.key(5)
@@ -48,12 +51,12 @@ def place_batch(engine, batch_np):
   return jax.tree.map(place, batch_np)
 
 
-def run(layout, steps=STEPS):
+def run(layout, steps=STEPS, **settings):
   """Trains `steps` steps; returns (engine, state, the compiled step it ran)."""
   import jax
 
   engine, params, batch, key = problem()
-  engine = engine(layout)
+  engine = engine(layout, **settings)
   state = engine.init(params, key)
   # Compiled ahead of time so a test can read its HLO without compiling it again.
   compiled = engine.compile(state, place_batch(engine, batch(0)))
@@ -75,7 +78,7 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
   from zojax.zo import parallel
 
   assert jax.device_count() == 4 * num_processes, jax.devices()
-  _, state, _ = run(parallel.make_layout(*MESH, **LAYOUT))
+  _, state, _ = run(parallel.make_layout(*MESH))
   leaves = (state.outer, state.blocks, state.blocks_opt, state.pending.coeffs)
   flat = {jax.tree_util.keystr(path): leaf for path, leaf in
           jax.tree_util.tree_flatten_with_path(leaves)[0]}

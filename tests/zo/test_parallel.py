@@ -28,9 +28,10 @@ def _flat(engine, state, compiled):
 
 @pytest.fixture(scope="module")
 def runs():
+  # make_layout's defaults on every mesh; one engine config (`_distzo.SETTINGS`) for all.
   out = {}
   for shape in MESHES:
-    out[shape] = _distzo.run(parallel.make_layout(*shape, **_distzo.LAYOUT))
+    out[shape] = _distzo.run(parallel.make_layout(*shape))
   return out
 
 
@@ -42,6 +43,11 @@ def test_trajectory_identical_across_mesh_shapes(runs):
     assert got.keys() == ref.keys()
     for name in ref:
       assert got[name].tobytes() == ref[name].tobytes(), (shape, name)
+  # A control: the decomposition a (1, 1) mesh used to derive for itself (both branches of a
+  # sample in one unit, the batch in one chunk) takes another trajectory, which the
+  # comparison above sees.
+  other = _flat(*_distzo.run(parallel.make_layout(1, 1), branch_group=2, microbatches=1))
+  assert any(other[name].tobytes() != ref[name].tobytes() for name in ref)
   # The runs did train: the weights moved from their initial values.
   assert not np.array_equal(np.asarray(params0["blocks"]["wq"]), ref["[1]['wq']"])
   # Sliced streaming on (2, 4): each device holds 1/8 of every block leaf in host memory.
@@ -61,7 +67,7 @@ def test_collectives_are_loss_scalars_and_block_gathers(runs):
   one_layer = {jax.ShapeDtypeStruct(a.shape[1:], a.dtype).shape
                for a in jax.tree.leaves(params0["blocks"])}
   num_leaves = len(jax.tree.leaves(params0["blocks"]))
-  units = 2 * 1 * _distzo.LAYOUT["data_chunks"]  # 2 branches x 4 chunks, 1 sample
+  units = 2 * 1 * _distzo.SETTINGS["microbatches"]  # 2 branches x 4 chunks, 1 sample
   sliced = parallel.collective_traffic(compiled.as_text())
   assert sliced, "the sliced (2, 4) step has no collectives: the parser or the engine is wrong"
   loss_bytes = block_gathers = 0
@@ -77,8 +83,7 @@ def test_collectives_are_loss_scalars_and_block_gathers(runs):
   assert 0 < loss_bytes <= 4 * 2 * units * 2
 
   # Without slicing every device moves whole blocks: only the loss scalars cross devices.
-  layout = parallel.make_layout(2, 4, branch_group=1, data_chunks=4, slice_blocks=False)
-  engine2 = _distzo.problem()[0](layout)
+  engine2 = _distzo.problem()[0](parallel.make_layout(2, 4, slice_blocks=False))
   whole = _collectives(engine2, engine2.abstract_state(params0, jax.random.key(5)), batch0)
   assert whole and all(c["op"] == "all-gather" and c["bytes"] <= 4 * 2 * units for c in whole)
   assert not any({s for _, s in c["shapes"]} <= one_layer for c in whole)
@@ -100,8 +105,15 @@ def test_bad_input_names_the_setting():
   engine, params, _, _ = _distzo.problem()
   with pytest.raises(ValueError, match="pert axis size 4 is larger than 2 x num_samples"):
     engine(parallel.make_layout(4, 1))
-  with pytest.raises(ValueError, match="data axis size 4 must divide layout data_chunks=2"):
-    parallel.make_layout(1, 4, data_chunks=2)
+  with pytest.raises(ValueError, match=r"^mesh data axis size 4 must divide microbatches=2 "):
+    engine(parallel.make_layout(1, 4), microbatches=2)
+  # The engine's defaults (branch_group=2, microbatches=1) are the same on every mesh: a mesh
+  # they do not fit is refused in one line, never given a decomposition of its own.
+  with pytest.raises(ValueError, match=r"^mesh pert axis size 2 must divide the 1 branch "
+                     r"groups \(2 x num_samples with num_samples=1, branch_group=2\)$"):
+    stream.StreamEngine(*_model_and_update(), layout=parallel.make_layout(2, 4))
+  with pytest.raises(ValueError, match=r"^mesh data axis size 4 must divide microbatches=1 "):
+    stream.StreamEngine(*_model_and_update(), layout=parallel.make_layout(1, 4))
   with pytest.raises(ValueError, match="memory_kind='device' is not a host memory kind"):
     stream.StreamEngine(*_model_and_update(), memory_kind="device")
   with pytest.raises(ValueError, match="memory_kind='pinned_hots' is not a host memory kind"):
@@ -110,8 +122,9 @@ def test_bad_input_names_the_setting():
 
 
 def _model_and_update():
+  from zojax import optim
   from zojax.models import llama
-  return llama.make(llama.CONFIGS["tiny"]), stream.layerwise_sgd(1e-2)
+  return llama.make(llama.CONFIGS["tiny"]), optim.zo_sgd(1e-2)
 
 
 def _free_port():

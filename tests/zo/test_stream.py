@@ -6,11 +6,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from zojax import zo
+from zojax import optim, zo
 from zojax.models import llama
-from zojax.zo import parallel, stream
+from zojax.train import memory
+from zojax.zo import inspect, parallel, stream
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 CFG = llama.CONFIGS["tiny"]
@@ -27,7 +29,7 @@ def _batch(t):
 
 
 def _update():
-  return stream.layerwise_sgd(1e-3, momentum=0.9, weight_decay=0.01)
+  return optim.zo_sgd(1e-3, momentum=0.9, weight_decay=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def runs():
   """20 steps of the dense engine and of the streamed one (1 of the 2 blocks resident)."""
   model, params0, update = llama.make(CFG), llama.init(CFG, jax.random.key(0)), _update()
   estimate = jax.jit(lambda p, b, t: zo.spsa(model, p, b, KEY, step=t, eps=1e-3))
-  apply = zo.make_apply(update.dense)
-  params, opt_state = params0, update.dense.init(params0)
+  apply = zo.make_apply(update)
+  params, opt_state = params0, update.init(params0)
   dense = {"loss": [], "coeffs": [], "params": []}
   for t in range(STEPS):
     loss, g = estimate(params, _batch(t), t)
@@ -94,12 +96,14 @@ def test_twenty_steps_match_dense_within_tolerance(runs):
     moved = np.linalg.norm(np.asarray(d) - np.asarray(p0))
     assert moved > 0, jax.tree_util.keystr(path)
     assert np.linalg.norm(np.asarray(d) - s) <= 0.05 * moved, jax.tree_util.keystr(path)
-  # The momentum buffers (host-resident for streamed blocks) agree as closely.
-  # Dense chain: (materialize, decay, trace, lr); layer-wise post: (decay, trace, lr).
+  # The momentum buffers (host-resident for streamed blocks) agree as closely. Both engines
+  # hold the same optimizer's state, chain (materialize, decay, trace, lr), per layer here.
   dense_trace = np.asarray(dense_opt.inner_state[2].trace["blocks"]["wq"])
   flushed = engine.flush(jax.tree.map(jnp.copy, state))
-  trace = np.concatenate([jax.device_get(flushed.resident_opt[1].trace["wq"]),
-                          jax.device_get(flushed.blocks_opt[1].trace["wq"])])
+  trace = np.concatenate([jax.device_get(flushed.resident_opt.inner_state[2].trace["wq"]),
+                          jax.device_get(flushed.blocks_opt.inner_state[2].trace["wq"])])
+  # The bad step was skipped by the optimizer's own counter in every layer, once.
+  assert np.asarray(jax.device_get(flushed.blocks_opt.skipped)).tolist() == [1]
   np.testing.assert_allclose(trace, dense_trace, atol=0.05 * np.abs(dense_trace).max())
 
 
@@ -142,13 +146,22 @@ def test_device_bytes_constant_in_depth():
   out = {}
   for num_layers in (2, 8):
     cfg, engine, params, state, batch = _lowering(num_layers)
-    out[num_layers] = stream.device_bytes(engine.lower(state, batch).compile())
+    out[num_layers] = inspect.device_bytes(engine.lower(state, batch).compile())
   block = engine.block_bytes(params)
   small, big = out[2], out[8]
   assert abs(big["device_bytes"] - small["device_bytes"]) <= 0.05 * small["device_bytes"], out
-  # Host memory holds the streamed blocks (params + momentum, in and out): it grows by 6
-  # blocks x 4 copies from L=2 to L=8.
-  assert big["host_bytes"] - small["host_bytes"] == 6 * block * 4, out
+  # Host memory holds the streamed blocks (params + momentum, and the optimizer's int32 skip
+  # counter, in and out): it grows by 6 blocks x 4 copies + 6 x 2 counters from L=2 to L=8.
+  assert big["host_bytes"] - small["host_bytes"] == 6 * block * 4 + 6 * 2 * 4, out
+  # The dense step's formula (`memory.peak`): the donated device state (every device
+  # argument but the batch) comes back as outputs in the same buffers, counted once.
+  batch_bytes = sum(inspect.nbytes(a.shape, a.dtype) for a in jax.tree.leaves(batch))
+  for got in out.values():
+    assert got["device_alias_bytes"] == got["device_argument_bytes"] - batch_bytes > 0, got
+    assert got["host_alias_bytes"] == 0, got
+    assert got["device_bytes"] == memory.peak(got["device_argument_bytes"],
+                                              got["device_output_bytes"], got["temp_bytes"],
+                                              got["device_alias_bytes"]), got
 
 
 def test_no_device_value_larger_than_a_block():
@@ -158,18 +171,18 @@ def test_no_device_value_larger_than_a_block():
               for a in jax.tree.leaves(v))
   bound = max(block, 2 * outer)  # a block, or an embed/head leaf for both branches
   jaxpr = engine.jaxpr(state, batch)
-  biggest = max(stream.device_values(jaxpr))
+  biggest = max(inspect.device_values(jaxpr))
   assert biggest[0] <= bound, biggest
   # The check can fail: the dense engine keeps all 8 stacked blocks on device.
   dense = jax.make_jaxpr(lambda p, b: zo.spsa(llama.make(cfg), p, b, KEY, eps=1e-3))(
       params, batch)
-  worst = max(stream.device_values(dense))
+  worst = max(inspect.device_values(dense))
   assert worst[0] > bound and "[8," in worst[1], worst  # a stacked [L, ...] leaf
 
 
 def test_prefetch_does_not_wait_for_the_block_compute():
   _, engine, _, state, batch = _lowering(2)
-  assert stream.transfer_overlaps(engine.jaxpr(state, batch))
+  assert inspect.transfer_overlaps(engine.jaxpr(state, batch))
   # A control: a copy that needs the previous iteration's result cannot overlap it.
   host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
   dev = host.with_memory_kind("device")
@@ -180,21 +193,24 @@ def test_prefetch_does_not_wait_for_the_block_compute():
       x = jax.device_put(jax.lax.dynamic_index_in_dim(xs, i, 0, False) , dev)
       return c * x + jax.device_put(jax.device_put(c, host), dev), None
     return jax.lax.scan(body, jnp.ones(3), jnp.arange(4))[0]
-  assert not stream.transfer_overlaps(jax.make_jaxpr(serial)(xs))
+  assert not inspect.transfer_overlaps(jax.make_jaxpr(serial)(xs))
 
 
-@pytest.mark.parametrize("kwargs, branch_group", [
-    (dict(one_sided=True, microbatches=2, num_samples=2), 2),  # a scale-0 branch per sample
-    (dict(one_sided=True, num_samples=2), 1),                  # n + 1 units of one branch
-])
-def test_one_sided_and_microbatches_first_step_bit_exact(kwargs, branch_group):
-  model, params0, update = llama.make(CFG), llama.init(CFG, jax.random.key(0)), _update()
+@pytest.mark.parametrize("kwargs, branch_group, update", [
+    # a scale-0 branch per sample; Adam's moments per layer
+    (dict(one_sided=True, microbatches=2, num_samples=2), 2,
+     optim.zo_adam(1e-3, weight_decay=0.01)),
+    # n + 1 units of one branch; the sign direction, formed in float32 per layer
+    (dict(one_sided=True, num_samples=2), 1, optim.zo_sign(1e-3, weight_decay=0.01)),
+], ids=["adam-microbatches", "sign-branch_group1"])
+def test_one_sided_and_microbatches_first_step_bit_exact(kwargs, branch_group, update):
+  model, params0 = llama.make(CFG), llama.init(CFG, jax.random.key(0))
   batch = _batch(0)
   loss, g = jax.jit(lambda p, b: zo.spsa(model, p, b, KEY, step=0, eps=1e-3, **kwargs))(
       params0, batch)
-  want, _ = zo.make_apply(update.dense)(params0, update.dense.init(params0), g)
-  layout = parallel.make_layout(1, 1, branch_group=branch_group, slice_blocks=False)
-  engine = stream.StreamEngine(model, update, eps=1e-3, layout=layout, **kwargs)
+  want, _ = zo.make_apply(update)(params0, update.init(params0), g)
+  engine = stream.StreamEngine(model, update, eps=1e-3, branch_group=branch_group,
+                               layout=parallel.make_layout(1, 1, slice_blocks=False), **kwargs)
   state, out = engine.step(engine.init(params0, KEY), batch)
   # L(θ) comes from a scale-0 branch (θ + 0·z is θ exactly) run beside the +ε ones, and
   # micro-batch losses combine by the dense rule (loss_sum/count): bit-equal to `spsa`.
@@ -204,27 +220,59 @@ def test_one_sided_and_microbatches_first_step_bit_exact(kwargs, branch_group):
   _assert_bit_equal(want, engine.params(state))
 
 
+def test_step_is_pure_over_a_frozen_config():
+  _, engine, _, state, batch = _lowering(2)
+  config = engine.config
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.eps = 1.0
+  assert hash(config) == hash(dataclasses.replace(config))  # a static jit argument
+  # A user jits the pure step themselves, the config static.
+  new_state, out = jax.jit(stream.step, static_argnums=0).eval_shape(config, state, batch)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  assert out["zograd"].coeffs.shape == (1,)
+  # Integer settings take numpy integers too (as `zo.spsa`'s do).
+  settings = dict(num_samples=np.int64(2), microbatches=np.int32(2), resident_blocks=np.int64(0))
+  assert stream.StreamEngine(config.model, _update(), **settings).config.num_samples == 2
+
+
+def test_compile_returns_the_executable_and_step_keeps_the_jitted_function(runs):
+  *_, engine, state, _, _ = runs
+  compiled = engine.compile(state, _batch(0))  # in JAX's cache already: the runs' step
+  half = jax.tree.map(lambda x: x[:4], _batch(1))
+  # The executable is locked to the shapes it was compiled for ...
+  with pytest.raises(TypeError, match=r"compiled with int32\[8,8\] and called with "
+                                      r"int32\[4,8\]"):
+    compiled(*stream._split(jax.tree.map(jnp.copy, state)), half)
+  # ... and the engine never switches to it: its step takes any batch size.
+  _, out = engine.step(jax.tree.map(jnp.copy, state), half)
+  assert np.isfinite(float(out["loss"]))
+
+
 def test_microbatches_must_divide_the_batch():
   _, engine, _, state, _ = _lowering(2)
-  engine = stream.StreamEngine(engine.model, _update(), microbatches=3)
-  with pytest.raises(ValueError, match=r"microbatches=3 x layout data_chunks=1 must divide "
-                     r"the batch size 8"):
+  model = engine.config.model
+  engine = stream.StreamEngine(model, _update(), microbatches=3)
+  with pytest.raises(ValueError, match=r"^microbatches=3 must divide the batch size 8"):
     engine.jaxpr(state, jax.eval_shape(lambda: _batch(0)))
   with pytest.raises(ValueError, match="microbatches=0 must be an integer >= 1"):
-    stream.StreamEngine(engine.model, _update(), microbatches=0)
+    stream.StreamEngine(model, _update(), microbatches=0)
 
 
 @pytest.mark.gpu
 @on_gpu
 def test_gpu_memory_analysis_host_apart_from_device():
   # On a GPU, XLA's own memory_analysis tells pinned-host bytes from device bytes (on CPU
-  # it cannot, hence `device_bytes`): device constant in depth, host growing with it.
+  # it cannot, hence `device_bytes`): device constant in depth, host growing with it, and
+  # the device peak `device_bytes` computes from the shardings (to 1%: XLA may pad).
   def analysed(num_layers):
     _, engine, params, state, batch = _lowering(num_layers)
-    a = engine.lower(state, batch).compile().memory_analysis()
+    compiled = engine.lower(state, batch).compile()
+    a = compiled.memory_analysis()
     device = (a.argument_size_in_bytes + a.output_size_in_bytes + a.temp_size_in_bytes
               - a.alias_size_in_bytes)
     host = a.host_argument_size_in_bytes + a.host_output_size_in_bytes
+    mine = inspect.device_bytes(compiled)["device_bytes"]
+    assert abs(mine - device) <= 0.01 * device, (mine, device)
     return device, host, engine.block_bytes(params)
   (dev2, host2, block), (dev8, host8, _) = analysed(2), analysed(8)
   assert abs(dev8 - dev2) <= 0.05 * dev2, (dev2, dev8)
@@ -236,15 +284,23 @@ def test_bad_input():
   model = llama.make(CFG)
   with pytest.raises(ValueError, match="memory_kind='device' is not a host memory kind"):
     stream.StreamEngine(model, _update(), memory_kind="device")
-  with pytest.raises(ValueError, match="update must be a LayerwiseZO"):
-    stream.StreamEngine(model, zo_sgd_dense())
   engine = stream.StreamEngine(model, _update(), resident_blocks=3)
   with pytest.raises(ValueError, match="resident_blocks=3 is more than the model's 2 blocks"):
     engine.abstract_state(llama.param_shapes(CFG), KEY)
-  with pytest.raises(ValueError, match="mask must be None or a callable"):
-    stream.layerwise_sgd(1e-2, mask={"blocks": True})
+  with pytest.raises(ValueError, match=r"^resident_blocks=-1 must be an integer >= 0$"):
+    stream.StreamEngine(model, _update(), resident_blocks=-1)
+  with pytest.raises(ValueError, match=r"^branch_group=3 must be 1 or 2$"):
+    stream.StreamEngine(model, _update(), branch_group=3)
 
 
-def zo_sgd_dense():
-  from zojax import optim
-  return optim.zo_sgd(1e-2)
+@pytest.mark.parametrize("update", [
+    optax.inject_hyperparams(optim.zo_sgd)(learning_rate=1e-3),
+    optax.chain(optim.zo_sgd(1e-3)),
+    optim.zo_sgd(1e-3, weight_decay=0.1, mask={"embed": True, "blocks": False, "head": True}),
+], ids=["inject_hyperparams", "chain", "tree-mask"])
+def test_optimizers_that_cannot_be_streamed_are_refused_in_one_line(update):
+  # Each runs on the dense engine; none may be applied a layer at a time unchecked.
+  with pytest.raises(ValueError, match=r"^update must be a zojax.optim.zo.ZOOptimizer as built "
+                     r".*inject_hyperparams") as err:
+    stream.StreamEngine(llama.make(CFG), update)
+  assert "\n" not in str(err.value)

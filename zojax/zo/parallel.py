@@ -13,10 +13,12 @@ A ZO step's work is 2n SPSA branches (n samples, ±ε) on one batch. On a mesh w
     its optimizer state) in host memory, moves only that slice, all-gathers the block on
     device, and updates and writes back only its slice, drawing z for the slice alone.
 
-The engine is `zojax.zo.stream.StreamEngine` with a `Layout` from `make_layout`. Results
-depend on the layout's unit decomposition (``branch_group``, ``data_chunks``), never on the
-mesh shape: fix them (e.g. ``branch_group=1, data_chunks=4``) and meshes (1,1), (2,1), (1,4)
-and (2,4) give bit-identical trajectories (tested), as do 2 processes x 4 devices.
+The engine is `zojax.zo.stream.StreamEngine` with a `Layout` from `make_layout`. The layout
+is placement only. Results depend on the engine's unit decomposition (``branch_group``,
+``microbatches``: settings of the engine with mesh-independent defaults, checked against the
+mesh in one line), never on the mesh shape: with ``branch_group=1, microbatches=4``, meshes
+(1,1), (2,1), (1,4) and (2,4) give bit-identical trajectories (tested), as do 2 processes x
+4 devices.
 
 `collective_traffic` reads the compiled HLO and lists every collective with its bytes, so a
 test can prove which values cross devices.
@@ -30,6 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from zojax.zo.spsa import _check_count
 from zojax.zo.stream import DATA, PERT, Layout
 
 
@@ -40,9 +43,8 @@ def make_mesh(pert: int, data: int, devices=None) -> Mesh:
   shard_map, which Explicit axes reject.
   """
   devices = list(jax.devices() if devices is None else devices)
-  for name, size in (("pert", pert), ("data", data)):
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-      raise ValueError(f"mesh {name} axis size {size!r} must be an integer >= 1")
+  _check_count("pert", pert)
+  _check_count("data", data)
   if len(devices) % (pert * data):
     raise ValueError(f"mesh shape (pert={pert}, data={data}) = {pert * data} devices does not "
                      f"divide the {len(devices)} devices")
@@ -50,34 +52,21 @@ def make_mesh(pert: int, data: int, devices=None) -> Mesh:
   return Mesh(grid, (PERT, DATA), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def make_layout(pert: int = 1, data: int = 1, *, branch_group: int | None = None,
-                data_chunks: int | None = None, slice_blocks: bool = True,
+def make_layout(pert: int = 1, data: int = 1, *, slice_blocks: bool = True,
                 devices=None) -> Layout:
   """A `Layout` for a (pert, data) mesh.
 
   Args:
     pert: devices along the branch axis.
     data: devices along the batch axis.
-    branch_group: branches per unit (2: a sample's ±ε together, 1: one branch); None picks
-      2 when pert divides the n samples' groups, else 1 (checked against n by the engine).
-    data_chunks: batch chunks (a multiple of data); None uses data.
     slice_blocks: DistZO2 sliced streaming (each device moves 1/N of a block).
     devices: the devices (default all, across processes).
 
   Returns:
-    The layout; pass it to `StreamEngine(..., layout=...)`.
+    The layout; pass it to `StreamEngine(..., layout=...)` together with a decomposition
+    (``branch_group``, ``microbatches``) that the mesh divides.
   """
-  mesh = make_mesh(pert, data, devices)
-  if branch_group is None:
-    branch_group = 2 if pert == 1 else 1
-  if data_chunks is None:
-    data_chunks = data
-  if isinstance(data_chunks, bool) or not isinstance(data_chunks, int) or data_chunks < 1:
-    raise ValueError(f"layout data_chunks={data_chunks!r} must be an integer >= 1")
-  if data_chunks % data:
-    raise ValueError(f"mesh data axis size {data} must divide layout data_chunks={data_chunks}")
-  return Layout(mesh, branch_group=branch_group, data_chunks=data_chunks,
-                slice_blocks=slice_blocks)
+  return Layout(make_mesh(pert, data, devices), slice_blocks=slice_blocks)
 
 
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",

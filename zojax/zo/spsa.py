@@ -64,9 +64,10 @@ def _check_eps(eps):
     raise ValueError(f"eps={eps} must be > 0")
 
 
-def _check_count(name, value):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name}={value!r} must be an integer >= 1")
+def _check_count(name, value, minimum: int = 1):
+  """A Python or numpy integer >= minimum (bools refused), else a one-line error."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
 def _check_scalar(what: str, shape_dtype):
