@@ -19,7 +19,7 @@ process:
     the same executables lowered from `jax.ShapeDtypeStruct`s and compiled, never run.
 
 Writes experiments/results/bench_zo.{json,png} and prints a final one-line JSON. Timing on
-a shared CPU is noisy; only the in-process ratios are meaningful (DESIGN.md, "Measuring").
+a shared CPU is noisy; only the in-process ratios are meaningful.
 """
 
 from __future__ import annotations

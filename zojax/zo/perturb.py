@@ -1,7 +1,6 @@
 """The perturbation stream: z for every parameter leaf as a pure function of its address.
 
-DESIGN.md, interface 2. The perturbation of leaf ``j`` of layer ``l`` for sample ``i`` at
-step ``t`` is
+The perturbation of leaf ``j`` of layer ``l`` for sample ``i`` at step ``t`` is
 
   z = normal(fold_in(fold_in(fold_in(fold_in(key, t), i), l), j), leaf.shape, float32)
 
@@ -29,13 +28,9 @@ the vocabulary table (`zojax.models.protocol.PerturbedTable`).
 z is always drawn in float32 and only then cast where a lower precision is needed
 (``normal(key, dtype=bfloat16)`` is a different draw from ``normal(key).astype(bfloat16)``).
 
-PRNG choice (JAX 0.10.2, shared 2-core CPU, ``jit(normal(key, (100_000_000,)).sum())``,
-100M float32 normals, one warm call): threefry2x32 (JAX's default) 2.05 s, threefry4x32 0.61 s,
-philox4x32 0.60 s, rbg 2.72 s, unsafe_rbg 3.21 s. On CPU the generator is a real share of a ZO
-step (SmolLM2-135M draws 135M normals twice per step, against ~3 s for one bs16 seq64
-forward), so the stream uses threefry4x32 (`IMPL`): as fast as philox, and, like every
-threefry variant under ``jax_threefry_partitionable``, independent of how the output is
-sharded (tested). The rbg family is documented as sharding-dependent and is slower here.
+PRNG choice: the stream uses threefry4x32 (`IMPL`) rather than JAX's default threefry2x32.
+Like every threefry variant under ``jax_threefry_partitionable``, its draws do not depend on
+how the output is sharded (tested); the rbg family is documented as sharding-dependent.
 
 Base keys: a typed `IMPL` key or its uint32[4] data is used as is. Any other key (JAX's
 default threefry2x32 key, or its legacy uint32[2] data, as the train loop stores) is turned

@@ -1,6 +1,6 @@
 """A ZO run as a log of scalars, and its bit-exact replay from the initial weights.
 
-DESIGN.md, interface 3. A ZO step's whole effect on the weights is its `ZOGrad`: the base
+A ZO step's whole effect on the weights is its `ZOGrad`: the base
 key, the step and n coefficients. `ZOLog` keeps them (a few bytes a step, JSON), and
 `replay` re-runs only the optimizer updates, never a forward pass, to rebuild the final
 parameters and optimizer state.
