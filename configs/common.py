@@ -58,6 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.zo.eps = 1e-3                  # perturbation scale (MeZO: 1e-3)
   c.zo.num_samples = 1             # perturbation directions per step (n-SPSA)
   c.zo.one_sided = False
+  # How the step's work is cut (the same on any mesh, so the trajectory is too): the batch in
+  # micro-batches sharing z (a multiple of the mesh's data axis for zo.engine='stream'), and
+  # SPSA branches per streamed unit (2: a sample's +-eps together; 1: one each).
+  c.zo.microbatches = 1
+  c.zo.branch_group = 2
   c.zo.verify_replay = False       # after training, replay the seed log and check bit-equality
   c.zo.engine = "dense"            # dense (zo.spsa + update) | stream (ZO2: blocks in host memory)
   c.zo.resident_blocks = 0         # stream: first N blocks kept on device

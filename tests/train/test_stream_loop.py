@@ -118,10 +118,18 @@ def test_first_order_optimizer_with_stream_engine_is_refused():
     _config("optim.name=adamw")
 
 
-def test_stream_variant_builds_the_layerwise_twin_of_the_dense_optimizer():
-  for spec, direction in ((CONFIG, "mean"), (CONFIG + ",adam", "mean")):
-    config = _config(spec=spec)
-    update = optimizer.layerwise(config.optim, config.train.steps)
-    assert config.zo.engine == "stream" and update.direction == direction
-  config = _config("optim.name=zo_sign", "optim.weight_decay=0.1")
-  assert optimizer.layerwise(config.optim, 4).direction == "sign"
+def test_stream_engine_gets_the_very_optimizer_the_dense_engine_gets():
+  # One ZO optimizer spec: optimizer.build gives a streamable ZOOptimizer for every ZO name.
+  from zojax.optim.zo import ZOOptimizer
+  for name in ("zo_sgd", "zo_adam", "zo_sign"):
+    config = _config(f"optim.name={name}")
+    assert isinstance(optimizer.build(config.optim, config.train.steps), ZOOptimizer), name
+  assert not isinstance(optimizer.build(_config("zo.engine=dense", "optim.name=adamw").optim, 4),
+                        ZOOptimizer)
+
+
+def test_stream_microbatches_must_fit_the_data_axis():
+  config = _config("zo.microbatches=1", "mesh.axes=(('data', 2), ('model', 1))")
+  model = models.build(config.model)
+  with pytest.raises(config_lib.ConfigError, match="^config keys zo.* / mesh.axes do not fit"):
+    engines.build(config, model, sharding.make_mesh([tuple(a) for a in config.mesh.axes]))

@@ -15,8 +15,10 @@ from zojax.optim.galore_transform import (GaLoreDimensionNumbers, GaLoreProjecto
 from zojax.optim.masks import decay_mask
 from zojax.optim.natural_galore_transform import (WoodburyFisherState, natural_galore,
                                                   scale_by_woodbury_fisher)
-from zojax.optim.zo import (SkipNonfiniteState, materialize, scale_by_zo_sign, skip_nonfinite,
-                            zo_adam, zo_sgd, zo_sign)
+# zo before skip: skip needs zojax.zo.ZOGrad, and zojax.zo's streamed engine needs optim.zo.
+from zojax.optim.zo import (ZOOptimizer, materialize, scale_by_zo_sign, zo_adam, zo_optimizer,
+                            zo_sgd, zo_sign)
+from zojax.optim.skip import SkipNonfiniteState, skip_nonfinite  # noqa: I001
 
 __all__ = [
     "Adam8bitSettings", "GaLoreDimensionNumbers", "GaLoreProjectors", "GaLoreSettings",
@@ -25,5 +27,5 @@ __all__ = [
     "path_dimension_numbers", "scale_by_adam8bit", "scale_by_adam_torch", "scale_by_galore",
     "scale_by_woodbury_fisher",
     "SkipNonfiniteState", "decay_mask", "materialize", "scale_by_zo_sign", "skip_nonfinite",
-    "zo_adam", "zo_sgd", "zo_sign",
+    "ZOOptimizer", "zo_adam", "zo_optimizer", "zo_sgd", "zo_sign",
 ]

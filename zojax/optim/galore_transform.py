@@ -429,14 +429,12 @@ class GaLoreState(NamedTuple):
     low_rank_state: state of the low-rank preconditioner (Natural GaLore's history), or ().
     svd_failures: int32 [], per-matrix refreshes whose projector came out non-finite (the old
       one was kept).
-    skipped: int32 [], steps skipped because a gradient was non-finite.
   """
   count: jax.Array
   projectors: GaLoreProjectors
   inner_state: Any
   low_rank_state: Any
   svd_failures: jax.Array
-  skipped: jax.Array
 
 
 def _projectors(treedef, per_leaf: list) -> GaLoreProjectors:
@@ -619,8 +617,9 @@ def scale_by_galore(
       scalars) as an extra argument. Natural GaLore uses it.
 
   Returns:
-    A `GradientTransformationExtraArgs` with state `GaLoreState`. A step whose gradient has a
-    non-finite entry returns zero updates and leaves the state as it was, counting the skip.
+    A `GradientTransformationExtraArgs` with state `GaLoreState`. Like optax's transforms it
+    passes a non-finite gradient on; wrap the optimizer in `zojax.optim.skip_nonfinite` (as
+    `zojax.train` does) to skip such steps with the state, SVD-failure count included, kept.
   """
   s = _check_settings("scale_by_galore", settings)
   inner = optax.with_extra_args_support(scale_by_adam_torch() if inner is None else inner)
@@ -645,7 +644,7 @@ def scale_by_galore(
       return GaLoreState(count=zero, projectors=GaLoreProjectors(left=params, right=params),
                          inner_state=inner.init(params),
                          low_rank_state=() if lrt is None else lrt.init(params),
-                         svd_failures=zero, skipped=zero)
+                         svd_failures=zero)
     plan = make_plan(params, s)
     plans, treedef = jax.tree.leaves(plan, is_leaf=_is_plan_leaf), jax.tree.structure(params)
     proxies = low_rank_inputs(plan, params)
@@ -656,7 +655,7 @@ def scale_by_galore(
                                        for p in plans])
     low_rank_state = () if lrt is None else lrt.init(only_projected(plan, proxies))
     return GaLoreState(count=zero, projectors=projectors, inner_state=inner_state,
-                       low_rank_state=low_rank_state, svd_failures=zero, skipped=zero)
+                       low_rank_state=low_rank_state, svd_failures=zero)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -664,9 +663,6 @@ def scale_by_galore(
     plans = jax.tree.leaves(plan, is_leaf=_is_plan_leaf)
     grads = jax.tree.leaves(updates)
     treedef = jax.tree.structure(updates)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
-    # Zeros instead of NaNs downstream, so a bad step cannot count as an SVD failure.
-    grads = [jnp.where(finite, g, jnp.zeros_like(g)) for g in grads]
     old_proj = _projector_dicts(treedef, state.projectors)
     count = state.count
     projected_index = [i for i, p in enumerate(plans) if p is not None]
@@ -728,13 +724,7 @@ def scale_by_galore(
 
     new_state = GaLoreState(
         count=count + 1, projectors=_projectors(treedef, new_proj), inner_state=inner_state,
-        low_rank_state=lrt_state, svd_failures=state.svd_failures + failures,
-        skipped=state.skipped)
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new, old)
-    new_state = keep(new_state, state)._replace(
-        skipped=state.skipped + (~finite).astype(jnp.int32))
-    out = [jnp.where(finite, u, jnp.zeros_like(u)) for u in out]
+        low_rank_state=lrt_state, svd_failures=state.svd_failures + failures)
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -104,6 +104,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     z = config.zo
     _require(z.eps > 0, "zo.eps", z.eps, "must be > 0")
     _require(z.num_samples >= 1, "zo.num_samples", z.num_samples, "must be >= 1")
+    _require(isinstance(z.microbatches, int) and z.microbatches >= 1, "zo.microbatches",
+             z.microbatches, "must be an integer >= 1")
+    _require(t.batch_size % z.microbatches == 0, "zo.microbatches", z.microbatches,
+             f"must divide train.batch_size={t.batch_size}")
+    _require(z.branch_group in (1, 2), "zo.branch_group", z.branch_group, "must be 1 or 2")
     _require(not o.grad_clip, "optim.grad_clip", o.grad_clip,
              "gradient clipping does not apply to zeroth-order optimizers; set it to 0")
   _validate_zo_engine(config)

@@ -68,18 +68,6 @@ def build(cfg, total_steps: int) -> optax.GradientTransformation:
   return skip_nonfinite(tx)
 
 
-def layerwise(cfg, total_steps: int):
-  """The layer-wise form of the ZO optimizer `cfg` names, for the streamed engine."""
-  from zojax.zo import stream  # noqa: PLC0415
-  lr = schedule(cfg, total_steps)
-  if cfg.name == "zo_sgd":
-    return stream.layerwise_sgd(lr, momentum=cfg.momentum or None, weight_decay=cfg.weight_decay)
-  if cfg.name == "zo_adam":
-    return stream.layerwise_adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
-  return stream.layerwise_sign(lr, weight_decay=cfg.weight_decay)
-
-
 def _galore(cfg, lr) -> optax.GradientTransformation:
   """GaLore family from `cfg.galore` (see configs/common.galore_settings). Projected leaves
   train at learning_rate * galore.scale (the official convention)."""

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zojax.errors import ConfigError
 from zojax.models import Model
+from zojax.optim.skip import SkipNonfiniteState
 from zojax.train import sharding
 
 
@@ -71,12 +72,11 @@ def initial_params(config, model: Model, shardings):
 
 
 def skipped_steps(opt_state) -> jax.Array:
-  """The skip counter `zojax.optim.skip_nonfinite` keeps in an optimizer state."""
-  found = optax.tree_utils.tree_get(opt_state, "skipped")
-  if found is None:
-    raise ValueError("optimizer state has no 'skipped' counter: wrap the optimizer in "
-                     "zojax.optim.skip_nonfinite")
-  return found
+  """The skip counter of the outermost `zojax.optim.skip_nonfinite` (what engines build)."""
+  if not isinstance(opt_state, SkipNonfiniteState):
+    raise ValueError(f"optimizer state is a {type(opt_state).__name__}, not a "
+                     "SkipNonfiniteState: wrap the optimizer in zojax.optim.skip_nonfinite")
+  return opt_state.skipped
 
 
 def step_model_state(model: Model, model_state, aux, step, ok):

@@ -33,7 +33,8 @@ def estimate_fn(model: Model, zo_cfg):
     else:
       fn = lambda p, b: model.loss(p, model_state, b)[0]
     return zo.spsa(fn, params, batch, rng, step=step, eps=zo_cfg.eps,
-                   num_samples=zo_cfg.num_samples, one_sided=zo_cfg.one_sided)
+                   num_samples=zo_cfg.num_samples, one_sided=zo_cfg.one_sided,
+                   microbatches=zo_cfg.microbatches)
 
   return estimate
 

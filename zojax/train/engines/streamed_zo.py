@@ -31,7 +31,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from zojax import zo
 from zojax.errors import ConfigError
 from zojax.models import Model
-from zojax.train import optimizer
 from zojax.train.engines import base, dense_zo
 from zojax.zo import parallel, stream
 
@@ -67,12 +66,17 @@ class StreamedZOEngine:
       raise ConfigError(f"config key 'zo.resident_blocks'={z.resident_blocks} is more than the "
                         f"model's {num_layers} blocks")
     self.config, self.model, self.tx = config, model, tx
-    self.update = optimizer.layerwise(config.optim, config.train.steps)
+    # The unit decomposition (micro-batches, branch grouping) comes from the config, never
+    # from the mesh, so the same config takes the same trajectory on any mesh.
     layout = parallel.make_layout(1, mesh.shape.get("data", 1), devices=mesh.devices.flat)
-    self.engine = stream.StreamEngine(
-        model.block_view(model.init_state(jax.random.key(0))), self.update, eps=z.eps,
-        num_samples=z.num_samples, one_sided=z.one_sided, resident_blocks=z.resident_blocks,
-        memory_kind=z.memory_kind, layout=layout)
+    try:
+      self.engine = stream.StreamEngine(
+          model.block_view(model.init_state(jax.random.key(0))), tx, eps=z.eps,
+          num_samples=z.num_samples, one_sided=z.one_sided, microbatches=z.microbatches,
+          branch_group=z.branch_group, resident_blocks=z.resident_blocks,
+          memory_kind=z.memory_kind, layout=layout)
+    except ValueError as e:
+      raise ConfigError(f"config keys zo.* / mesh.axes do not fit the streamed engine: {e}") from None
     self.key = jax.random.key(config.seed)
     self.params_sharding = NamedSharding(mesh, P())  # where evaluation reads weights
     self.batch_sharding = self.engine.batch_sharding()
@@ -91,7 +95,7 @@ class StreamedZOEngine:
     return self.engine.init(self._initial_params(), self.key)
 
   def compile(self, state, batch) -> dict:
-    out = stream.device_bytes(self.engine.compile(state, batch))
+    out = zo.device_bytes(self.engine.compile(state, batch))
     out["peak_bytes"] = out["device_bytes"]  # the device-memory bound the dense peak compares to
     return out
 
@@ -124,7 +128,7 @@ class StreamedZOEngine:
 
   def verify_replay(self, initial_params, state) -> dict:
     """Replays the seed log with the dense update and compares with the streamed weights."""
-    replayed, _ = zo.replay(initial_params, self.log, self.update.dense)
+    replayed, _ = zo.replay(initial_params, self.log, self.tx)
     got = self.engine.params(state)
     diff = moved = 0.0
     for r, g, p0 in zip(jax.tree.leaves(replayed), jax.tree.leaves(got),
