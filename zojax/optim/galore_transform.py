@@ -332,6 +332,27 @@ def _batched(fn, p: _LeafPlan):
   return fn
 
 
+def _batched_decomposition(fn, p: _LeafPlan):
+  """`_batched` for a function calling LAPACK (SVD, QR): one matrix at a time on CPU.
+
+  XLA:CPU runs a batched decomposition as a parallel map on the thread pool that also runs
+  each CPU device's program; with several CPU devices in one step every pool thread can end
+  up waiting on map tasks that have no thread left to run them (the step hung forever with
+  8 host devices). A sequential `lax.map` never calls the batched kernel. GPU and TPU keep
+  the vmapped batch.
+  """
+  if not p.batch_shape or jax.default_backend() != "cpu":
+    return _batched(fn, p)
+  nb = len(p.batch_shape)
+
+  def mapped(*args):
+    flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[nb:]), args)
+    out = jax.lax.map(lambda xs: fn(*xs), flat)
+    return jax.tree.map(lambda a: a.reshape(*p.batch_shape, *a.shape[1:]), out)
+
+  return mapped
+
+
 # ---------------------------------------------------------------------------------------
 # Projectors
 
@@ -691,7 +712,7 @@ def scale_by_galore(
         nb = math.prod(p.batch_shape)
         keys = jax.random.split(jax.random.fold_in(base_key, i), max(nb, 1))
         keys = keys.reshape(*p.batch_shape, *keys.shape[1:]) if p.batch_shape else keys[0]
-        proj, bad = _batched(one, p)(g_m, old, keys)
+        proj, bad = _batched_decomposition(one, p)(g_m, old, keys)
         return proj, jnp.sum(bad.astype(jnp.int32))
 
       proj, bad = jax.lax.cond(do, refresh, lambda old=old: (old, jnp.zeros([], jnp.int32)))
