@@ -6,7 +6,7 @@ drives any engine through these methods and nothing else:
 
   abstract = engine.abstract_state()       # shapes + shardings, for restoring a checkpoint
   state = engine.init()                    # or the restored state
-  memory = engine.compile(state, batch)    # compiles the step; its memory in bytes
+  memory = engine.compile(state, batch)    # compiles the step for these shapes; its bytes
   state, out = engine.step(state, batch)   # out: device scalars (loss, skipped, ...)
   state = engine.finalize(state)           # settle pending work: before saving and at the end
   params, model_state = engine.params(state)   # current weights, placed for evaluation
@@ -129,3 +129,38 @@ def accuracy(metrics: dict) -> dict:
     return {}
   return {"accuracy": metrics["correct"] / jnp.maximum(metrics["count"], 1.0)}
 
+
+
+class TrainStateEngine:
+  """What the first-order and dense-ZO engines share: a placed `TrainState`, no pending work.
+
+  Subclasses set ``placed`` (a `PlacedState`) and ``batch_sharding`` and define `compile`
+  and `step`; `meta` / `load_meta` / `results` default to "nothing to record".
+  """
+
+  placed: PlacedState
+
+  def abstract_state(self) -> TrainState:
+    return self.placed.abstract()
+
+  def init(self) -> TrainState:
+    return self.placed.init()
+
+  def finalize(self, state: TrainState) -> TrainState:
+    return state
+
+  def params(self, state: TrainState):
+    return state.params, state.model_state
+
+  def nonfinite(self, state: TrainState) -> int:
+    return int(skipped_steps(state.opt_state))
+
+  def meta(self) -> dict:
+    return {}
+
+  def load_meta(self, meta: dict) -> None:
+    del meta
+
+  def results(self, state, workdir) -> dict:
+    del state, workdir
+    return {}

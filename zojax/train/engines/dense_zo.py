@@ -39,7 +39,7 @@ def estimate_fn(model: Model, zo_cfg):
   return estimate
 
 
-class DenseZOEngine:
+class DenseZOEngine(base.TrainStateEngine):
   """`base.Engine` for dense ZO (see the module docstring). Keeps the run's `ZOLog`."""
 
   def __init__(self, config, model: Model, tx, mesh):
@@ -59,12 +59,6 @@ class DenseZOEngine:
         aux = model.loss(params, model_state, batch)[2]
         return base.step_model_state(model, model_state, aux, step, ok)
       self._model_state = jax.jit(new_model_state, donate_argnums=1)
-
-  def abstract_state(self):
-    return self.placed.abstract()
-
-  def init(self):
-    return self.placed.init()
 
   def compile(self, state, batch) -> dict:
     """Compiles the estimate; memory of the estimate and the update (run one after another)."""
@@ -90,15 +84,6 @@ class DenseZOEngine:
     state = base.TrainState(step=state.step + 1, params=params, model_state=model_state,
                             opt_state=opt_state, rng=state.rng)
     return state, zo_outputs(loss, zograd)
-
-  def finalize(self, state):
-    return state
-
-  def params(self, state):
-    return state.params, state.model_state
-
-  def nonfinite(self, state) -> int:
-    return int(base.skipped_steps(state.opt_state))
 
   def meta(self) -> dict:
     return {"zo_log": self.log.to_json()}

@@ -38,7 +38,7 @@ def make_step(model: Model, tx: optax.GradientTransformation):
   return step
 
 
-class FirstOrderEngine:
+class FirstOrderEngine(base.TrainStateEngine):
   """`base.Engine` for backprop training (see the module docstring)."""
 
   def __init__(self, config, model: Model, tx: optax.GradientTransformation, mesh):
@@ -50,34 +50,9 @@ class FirstOrderEngine:
                          out_shardings=(sh, None), donate_argnums=0)
     self._compiled = None
 
-  def abstract_state(self):
-    return self.placed.abstract()
-
-  def init(self):
-    return self.placed.init()
-
   def compile(self, state, batch) -> dict:
     self._compiled = self._step.lower(state, batch).compile()
     return memory.step_memory(self._compiled)
 
   def step(self, state, batch):
     return (self._compiled or self._step)(state, batch)
-
-  def finalize(self, state):
-    return state
-
-  def params(self, state):
-    return state.params, state.model_state
-
-  def nonfinite(self, state) -> int:
-    return int(base.skipped_steps(state.opt_state))
-
-  def meta(self) -> dict:
-    return {}
-
-  def load_meta(self, meta: dict) -> None:
-    del meta
-
-  def results(self, state, workdir) -> dict:
-    del state, workdir
-    return {}
