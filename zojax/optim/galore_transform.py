@@ -697,10 +697,13 @@ def scale_by_galore(
         refreshed.append(jnp.zeros([], bool))
         continue
       g_m = _to_matrix(g, p)
+      # LAPACK's SVD can loop forever on inf/NaN input (it did, on CPU): decompose zeros
+      # instead. The step's updates stay non-finite, so `skip_nonfinite` still skips it.
+      g_svd = jnp.where(jnp.all(jnp.isfinite(g_m)), g_m, jnp.zeros_like(g_m))
       do = _refresh_mask(count, s.update_proj_gap, projected_index.index(i),
                          len(projected_index), s.stagger)
 
-      def refresh(g_m=g_m, old=old, p=p, i=i):
+      def refresh(g_m=g_svd, old=old, p=p, i=i):
         def one(g2, old2, key):
           if s.projector == "svd":
             cand = _exact_projector(g2, p.side, p.rank)
