@@ -314,6 +314,8 @@ def _state(workdir, step):
 @pytest.mark.slow
 @pytest.mark.parametrize("opt", ["adamw", "galore_adamw", "zo_sgd"])
 def test_cli_trains_and_resumes_bit_identically(tmp_path, opt):
+  """Three CLI processes; zo_sgd takes ~115 s on 2 cores because each process compiles the
+  whole-tree SPSA estimate (~30 s: a threefry draw per leaf), which only a process can test."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   summary = _run(straight, opt)
   _run(resumed, opt, f"train.halt_at_step={N}")

@@ -52,6 +52,8 @@ def _killed_at(straight, workdir, step):
     "configs/sentiment_galore.py:tiny,opt=natural_galore",
 ])
 def test_resume_after_restart_is_bit_identical(tmp_path, config):
+  """Two CLI processes per optimizer (35-80 s on 2 cores, ZO the slowest: a real restart
+  is the only honest test of exact resume, and each process compiles its step anew)."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   _run(straight, config=config)
   _killed_at(straight, resumed, N)

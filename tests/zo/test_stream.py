@@ -34,7 +34,11 @@ def _update():
 
 @pytest.fixture(scope="module")
 def runs():
-  """20 steps of the dense engine and of the streamed one (1 of the 2 blocks resident)."""
+  """20 steps of the dense engine and of the streamed one (1 of the 2 blocks resident).
+
+  60-80 s on 2 cores: compiling the streamed step (a resident scan and a streamed scan,
+  each a forward plus the fused update) is most of it; shared by the whole module.
+  """
   model, params0, update = llama.make(CFG), llama.init(CFG, jax.random.key(0)), _update()
   estimate = jax.jit(lambda p, b, t: zo.spsa(model, p, b, KEY, step=t, eps=1e-3))
   apply = zo.make_apply(update)
@@ -204,6 +208,7 @@ def test_prefetch_does_not_wait_for_the_block_compute():
     (dict(one_sided=True, num_samples=2), 1, optim.zo_sign(1e-3, weight_decay=0.01)),
 ], ids=["adam-microbatches", "sign-branch_group1"])
 def test_one_sided_and_microbatches_first_step_bit_exact(kwargs, branch_group, update):
+  """Up to ~75 s on 2 cores (adam + micro-batches): one streamed-step compile per case."""
   model, params0 = llama.make(CFG), llama.init(CFG, jax.random.key(0))
   batch = _batch(0)
   loss, g = jax.jit(lambda p, b: zo.spsa(model, p, b, KEY, step=0, eps=1e-3, **kwargs))(
@@ -236,6 +241,8 @@ def test_step_is_pure_over_a_frozen_config():
 
 
 def test_compile_returns_the_executable_and_step_keeps_the_jitted_function(runs):
+  """~90 s on 2 cores: two streamed-step compilations (AOT, and the half batch the jitted
+  step must accept), which is exactly what the test is about."""
   *_, engine, state, _, _ = runs
   compiled = engine.compile(state, _batch(0))  # in JAX's cache already: the runs' step
   half = jax.tree.map(lambda x: x[:4], _batch(1))
