@@ -282,8 +282,6 @@ def config_from(cfg, task=None) -> LlamaConfig:
   Raises `ConfigError` naming the key for a bad value, or when the task's tokenizer has
   more tokens than the model's vocabulary.
   """
-  if cfg.get("init", "random") not in ("pretrained", "random"):
-    raise ConfigError(f"config key 'model.init'={cfg.init!r}: must be 'pretrained' or 'random'")
   if cfg.get("dtype", "float32") not in DTYPES:
     raise ConfigError(f"config key 'model.dtype'={cfg.dtype!r}: must be one of {DTYPES}")
   if cfg.get("attention", "xla") not in attention_lib.IMPLEMENTATIONS:

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from zojax.errors import ConfigError
 from zojax.models import Model
 from zojax.optim.skip import SkipNonfiniteState
-from zojax.train import sharding
+from zojax.train import checkpoint, sharding
 
 
 class Engine(Protocol):
@@ -109,8 +109,7 @@ class PlacedState:
                       opt_state=self.tx.init(params), rng=jax.random.key_data(key))
 
   def abstract(self) -> TrainState:
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        self.shapes, self.shardings)
+    return checkpoint.abstract(self.shapes, self.shardings)
 
   def initial_params(self):
     return initial_params(self.config, self.model, self.shardings.params)

@@ -39,7 +39,24 @@ def estimate_fn(model: Model, zo_cfg):
   return estimate
 
 
-class DenseZOEngine(base.TrainStateEngine):
+class SeedLogged:
+  """A ZO engine's seed log: kept with every checkpoint, written next to the results."""
+
+  log: zo.ZOLog
+
+  def meta(self) -> dict:
+    return {"zo_log": self.log.to_json()}
+
+  def load_meta(self, meta: dict) -> None:
+    self.log = zo.ZOLog.from_json(meta["zo_log"])
+
+  def save_log(self, workdir) -> dict:
+    path = workdir / "zo_log.json"
+    self.log.save(path)
+    return {"zo_log_bytes": path.stat().st_size}
+
+
+class DenseZOEngine(SeedLogged, base.TrainStateEngine):
   """`base.Engine` for dense ZO (see the module docstring). Keeps the run's `ZOLog`."""
 
   def __init__(self, config, model: Model, tx, mesh):
@@ -64,7 +81,7 @@ class DenseZOEngine(base.TrainStateEngine):
     """Compiles the estimate; memory of the estimate and the update (run one after another)."""
     args = (state.params, state.model_state, batch, state.rng, state.step)
     self._estimate = self._estimate.lower(*args).compile()
-    zograd = jax.eval_shape(estimate_fn(self.model, self.config.zo), *args)[1]
+    zograd = self._estimate.out_info[1]
     update = memory.step_memory(self._apply.lower(state.params, state.opt_state, zograd).compile())
     out = memory.step_memory(self._estimate)
     out["estimate_peak_bytes"] = out.get("peak_bytes")
@@ -85,14 +102,8 @@ class DenseZOEngine(base.TrainStateEngine):
                             opt_state=opt_state, rng=state.rng)
     return state, zo_outputs(loss, zograd)
 
-  def meta(self) -> dict:
-    return {"zo_log": self.log.to_json()}
-
-  def load_meta(self, meta: dict) -> None:
-    self.log = zo.ZOLog.from_json(meta["zo_log"])
-
   def results(self, state, workdir) -> dict:
-    out = save_log(self.log, workdir)
+    out = self.save_log(workdir)
     if self.config.zo.verify_replay:
       replayed, _ = zo.replay(self.placed.initial_params(), self.log, self.tx, apply=self._apply)
       out["replay_bit_identical"] = all(
@@ -104,10 +115,3 @@ class DenseZOEngine(base.TrainStateEngine):
 def zo_outputs(loss, zograd: zo.ZOGrad) -> dict:
   """A ZO step's outputs, named as the first-order step's."""
   return {"loss": loss, "skipped": ~zograd.finite, "projected_grad": zograd.coeffs.mean()}
-
-
-def save_log(log: zo.ZOLog, workdir) -> dict:
-  """Writes the run's seed log next to its results."""
-  path = workdir / "zo_log.json"
-  log.save(path)
-  return {"zo_log_bytes": path.stat().st_size}

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from zojax import zo
 from zojax.errors import ConfigError
 from zojax.models import Model
+from zojax.train import checkpoint
 from zojax.train.engines import base, dense_zo
 from zojax.zo import parallel, stream
 
@@ -51,7 +52,7 @@ def check_model(model: Model) -> None:
                       f"{model.name!r} has some: use zo.engine='dense'")
 
 
-class StreamedZOEngine:
+class StreamedZOEngine(dense_zo.SeedLogged):
   """`base.Engine` for ZO2 streaming (see the module docstring)."""
 
   def __init__(self, config, model: Model, tx, mesh):
@@ -84,9 +85,7 @@ class StreamedZOEngine:
 
   def abstract_state(self) -> stream.StreamState:
     like = self.engine.abstract_state(self.model.param_shapes(), self.key)
-    shardings = self.engine.state_shardings(like)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        like, shardings)
+    return checkpoint.abstract(like, self.engine.state_shardings(like))
 
   def _initial_params(self):
     return base.initial_params(self.config, self.model, self.params_sharding)
@@ -114,14 +113,8 @@ class StreamedZOEngine:
   def nonfinite(self, state) -> int:
     return int(state.skipped)
 
-  def meta(self) -> dict:
-    return {"zo_log": self.log.to_json()}
-
-  def load_meta(self, meta: dict) -> None:
-    self.log = zo.ZOLog.from_json(meta["zo_log"])
-
   def results(self, state, workdir) -> dict:
-    out = dense_zo.save_log(self.log, workdir)
+    out = self.save_log(workdir)
     if self.config.zo.verify_replay:
       out.update(self.verify_replay(self._initial_params(), state))
     return out
