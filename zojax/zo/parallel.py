@@ -75,6 +75,7 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, 
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 _OP = re.compile(r"=\s*(?P<shape>\(?[^=]*?\)?)\s+(?P<op>" + "|".join(_COLLECTIVES)
                  + r")(?:-start)?\(")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _ARRAY = re.compile(r"(?P<dtype>[a-z]+[0-9]*)\[(?P<dims>[0-9,]*)\]")
 
 
@@ -86,6 +87,8 @@ def collective_traffic(hlo_text: str) -> list[dict]:
   """
   found = []
   for line in hlo_text.splitlines():
+    # Long tuples carry "/*index=5*/" comments, whose "=" would cut the result shape short.
+    line = _COMMENT.sub("", line)
     match = _OP.search(line)
     if not match or "-done" in line.split("=", 1)[1].split("(", 1)[0]:
       continue
