@@ -74,11 +74,7 @@ def data(seed: int = 0):
   tok = smollm2_tokenizer()
   train = corpus.packed_sequences(tok, SEQ, "train")
   val = corpus.packed_sequences(tok, SEQ, "validation")[:64]
-  counts = np.bincount(train.reshape(-1), minlength=tok.get_vocab_size())
-  keep = np.argsort(-counts, kind="stable")[:VOCAB - 1]
-  remap = np.full(tok.get_vocab_size(), VOCAB - 1, np.int32)
-  remap[keep] = np.arange(VOCAB - 1, dtype=np.int32)
-  coverage = float(counts[keep].sum() / counts.sum())
+  remap, coverage = corpus.frequency_remap(train, tok.get_vocab_size(), VOCAB)
   rows = lambda r: {"tokens": remap[r[:, :-1]], "targets": remap[r[:, 1:]]}
   return rows(train), rows(val), coverage
 

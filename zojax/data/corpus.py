@@ -407,3 +407,18 @@ def packed_sequences(
     np.save(f, rows)
   tmp.replace(path)
   return rows
+
+
+def frequency_remap(train_rows: np.ndarray, vocab_size: int, limit: int) -> tuple[np.ndarray, float]:
+  """A token-id map onto the `limit` − 1 most frequent train ids plus one shared bucket.
+
+  For CPU-sized pre-training: a 49k vocabulary would make the output layer most of the
+  compute. Counted on the train split only; ties keep the lower id; the bucket (id
+  ``limit − 1``) is a regular class. Returns (remap [vocab_size] int32, the share of train
+  tokens that keep their own id).
+  """
+  counts = np.bincount(train_rows.reshape(-1), minlength=vocab_size)
+  keep = np.argsort(-counts, kind="stable")[:limit - 1]
+  remap = np.full(vocab_size, limit - 1, np.int32)
+  remap[keep] = np.arange(limit - 1, dtype=np.int32)
+  return remap, float(counts[keep].sum() / counts.sum())

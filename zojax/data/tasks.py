@@ -12,6 +12,7 @@ import numpy as np
 
 from zojax.data import batching, corpus, sentiment, synthetic
 from zojax.data.tokenizer import smollm2_tokenizer
+from zojax.errors import ConfigError
 
 TASKS = ("sentiment", "corpus", "oriented_bars")
 eval_batches = batching.eval_batches
@@ -66,15 +67,25 @@ def _lm_rows(rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _corpus(cfg, batch_size: int, seed: int) -> Task:
+  """The packed corpus; ``cfg.vocab_limit`` > 0 maps ids onto the most frequent ones
+  (`corpus.frequency_remap`), the task's vocabulary becoming `vocab_limit`."""
   tok = smollm2_tokenizer()
-  train = _lm_rows(corpus.packed_sequences(tok, cfg.seq_len, "train",
-                                           val_fraction=cfg.val_fraction))
+  train = corpus.packed_sequences(tok, cfg.seq_len, "train", val_fraction=cfg.val_fraction)
   val = corpus.packed_sequences(tok, cfg.seq_len, "validation", val_fraction=cfg.val_fraction)
   if cfg.eval_limit:
     val = val[:cfg.eval_limit]
+  vocab, info = tok.get_vocab_size(), {}
+  limit = cfg.get("vocab_limit", 0)
+  if limit:
+    if not 2 <= limit <= vocab:
+      raise ConfigError(f"config key 'task.vocab_limit'={limit} must be 0 or in [2, {vocab}]")
+    remap, coverage = corpus.frequency_remap(train, vocab, limit)
+    train, val, vocab = remap[train], remap[val], limit
+    info = {"vocab_limit": limit, "train_token_coverage": coverage}
+  train = _lm_rows(train)
   info = {"name": "corpus", "seq_len": cfg.seq_len,
-          "sizes": {"train": len(train["tokens"]), "validation": len(val)}}
-  return Task("corpus", tok.get_vocab_size(),
+          "sizes": {"train": len(train["tokens"]), "validation": len(val)}, **info}
+  return Task("corpus", vocab,
               lambda step: batching.batches(train, batch_size, seed=seed, step=step),
               {"validation": _lm_rows(val)}, info)
 

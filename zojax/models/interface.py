@@ -17,7 +17,12 @@ A `Model` is a few pure functions over plain pytrees:
   params); the config's mesh rules map them to mesh axes.
 * The optional **block view** (`block_view`) exposes the model as embed / stacked blocks /
   head (`zojax.models.protocol.BlockModel`). First-order training and dense ZO run any
-  model; in-scan ZO perturbation and the streamed ZO2 engine need the block view.
+  model; in-scan ZO perturbation and the streamed ZO2 engine need the block view. A model
+  with both a block view and state takes as ``aux`` the head's metric sums, so a ZO engine
+  can update the state from one of its perturbed forwards instead of an extra one.
+* Optional reporting: `step_metrics` turns a training step's metric sums and the new state
+  into logged values (per-layer router loads, ...); `eval_metrics` turns the metric sums
+  totalled over an eval split into named results (MaxVio over the validation set, ...).
 
 Models are built from a config by the registry (`zojax.models.registry`), so training code
 never imports a specific model.
@@ -58,6 +63,10 @@ class Model:
     block_view: ``model_state -> BlockModel``, the embed / blocks / head view over the same
       params; None when the model has no stack of identical layers.
     pretrained: ``() -> params`` loading published weights; None when there are none.
+    step_metrics: ``(metric sums, model_state) -> {name: array}`` logged after each training
+      step (traced inside the step; arrays of any shape); None when there are none.
+    eval_metrics: ``(metric sums totalled over an eval split) -> {name: float}`` beside loss
+      and accuracy / perplexity (numpy, on the host); None when there are none.
     info: plain, JSON-able facts for results files (shapes, parameter count).
   """
 
@@ -69,6 +78,8 @@ class Model:
   update_state: Callable[[ModelState, Any, jax.Array], ModelState] | None = None
   block_view: Callable[[ModelState], protocol.BlockModel] | None = None
   pretrained: Callable[[], Params] | None = None
+  step_metrics: Callable[[dict, ModelState], dict] | None = None
+  eval_metrics: Callable[[dict], dict] | None = None
   info: dict = dataclasses.field(default_factory=dict)
 
   def param_shapes(self, key: jax.Array | None = None) -> Params:

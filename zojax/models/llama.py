@@ -181,8 +181,8 @@ def embed(config: LlamaConfig, params, batch):
   return protocol.take(params["embed"]["tokens"], tokens_BxT).astype(config.dtype)
 
 
-def block(config: LlamaConfig, p, x_BxTxD):
-  """One pre-norm decoder layer; `p` holds one layer's parameters (no layer axis)."""
+def attention_sublayer(config: LlamaConfig, p, x_BxTxD):
+  """x + attention(norm(x)): the first half of a layer (shared by the MoE decoder)."""
   c = config
   B, T, _ = x_BxTxD.shape
   cast = lambda w: w.astype(x_BxTxD.dtype)
@@ -192,10 +192,20 @@ def block(config: LlamaConfig, p, x_BxTxD):
   v = (h @ cast(p["wv"])).reshape(B, T, c.num_kv_heads, c.head_dim)
   attn = attention_lib.attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v, causal=True,
                                  implementation=c.attention)
-  x_BxTxD = x_BxTxD + attn.reshape(B, T, -1) @ cast(p["wo"])
-  h = rms_norm(x_BxTxD, p["mlp_norm"], c.norm_eps)
-  mlp = jax.nn.silu(h @ cast(p["w_gate"])) * (h @ cast(p["w_up"]))
-  return x_BxTxD + mlp @ cast(p["w_down"])
+  return x_BxTxD + attn.reshape(B, T, -1) @ cast(p["wo"])
+
+
+def swiglu(h, w_gate, w_up, w_down):
+  """The SwiGLU feed-forward silu(h W_gate) * (h W_up) W_down, in h's dtype."""
+  cast = lambda w: w.astype(h.dtype)
+  return (jax.nn.silu(h @ cast(w_gate)) * (h @ cast(w_up))) @ cast(w_down)
+
+
+def block(config: LlamaConfig, p, x_BxTxD):
+  """One pre-norm decoder layer; `p` holds one layer's parameters (no layer axis)."""
+  x_BxTxD = attention_sublayer(config, p, x_BxTxD)
+  h = rms_norm(x_BxTxD, p["mlp_norm"], config.norm_eps)
+  return x_BxTxD + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
 
 
 def _unembed(config: LlamaConfig, params):
@@ -282,6 +292,13 @@ def config_from(cfg, task=None) -> LlamaConfig:
   Raises `ConfigError` naming the key for a bad value, or when the task's tokenizer has
   more tokens than the model's vocabulary.
   """
+  if cfg.name not in CONFIGS:
+    raise ConfigError(f"config key 'model.name'={cfg.name!r} is not one of {sorted(CONFIGS)}")
+  return with_overrides(CONFIGS[cfg.name], cfg, task)
+
+
+def with_overrides(config: LlamaConfig, cfg, task=None) -> LlamaConfig:
+  """`config` with a config's model.vocab_size / dtype / attention applied and checked."""
   if cfg.get("dtype", "float32") not in DTYPES:
     raise ConfigError(f"config key 'model.dtype'={cfg.dtype!r}: must be one of {DTYPES}")
   if cfg.get("attention", "xla") not in attention_lib.IMPLEMENTATIONS:
@@ -290,7 +307,7 @@ def config_from(cfg, task=None) -> LlamaConfig:
   overrides = {k: cfg[k] for k in ("dtype", "attention") if k in cfg}
   if cfg.get("vocab_size"):
     overrides["vocab_size"] = cfg.vocab_size
-  config = get_config(cfg.name, **overrides)
+  config = dataclasses.replace(config, **overrides)
   vocab = getattr(task, "vocab_size", 0) or 0
   if vocab > config.vocab_size:
     raise ConfigError(f"config key 'model.vocab_size'={config.vocab_size} is smaller than the "

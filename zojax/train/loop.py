@@ -42,8 +42,9 @@ def make_eval_step(model: models.Model):
 
 
 def evaluate(eval_step, params, model_state, task: tasks.Task, batch_size: int,
-             batch_sharding) -> dict:
-  """Metrics on every eval split: accuracy + loss (classification) or loss + perplexity (LM)."""
+             batch_sharding, eval_metrics=None) -> dict:
+  """Metrics on every eval split: accuracy + loss (classification) or loss + perplexity (LM),
+  plus the model's own (`Model.eval_metrics`, given the split's totalled sums)."""
   results = {}
   for split, data in task.eval_sets.items():
     total = None
@@ -57,6 +58,8 @@ def evaluate(eval_step, params, model_state, task: tasks.Task, batch_size: int,
       results[f"{split}/accuracy"] = float(total["correct"]) / count
     elif task.vocab_size:
       results[f"{split}/perplexity"] = math.exp(results[f"{split}/loss"])
+    if eval_metrics is not None:
+      results.update({f"{split}/{k}": v for k, v in eval_metrics(total).items()})
   return results
 
 
@@ -126,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   def run_eval(step):
     with mesh:
       results = evaluate(eval_step, *engine.params(state), task, t.eval_batch_size,
-                         eval_sharding)
+                         eval_sharding, eval_metrics=model.eval_metrics)
     metrics_log.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
     return results
 

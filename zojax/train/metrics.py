@@ -37,14 +37,20 @@ class MetricsLog:
 
 
 def _plain(v):
-  v = v.item() if hasattr(v, "item") else v
+  """JSON-able: arrays become (nested) lists, non-finite floats null."""
+  if hasattr(v, "tolist"):  # numpy / jax scalars and arrays
+    v = v.tolist()
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def plot_curves(records: list[dict], path: pathlib.Path, title: str = "") -> None:
   """One panel per metric family: training loss, and each eval metric against step."""
   train = [r for r in records if "train/loss" in r]
-  eval_keys = sorted({k for r in records for k in r if k.startswith("eval/")})
+  scalar = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  eval_keys = sorted({k for r in records for k, v in r.items()
+                      if k.startswith("eval/") and scalar(v)})
   panels = [("train/loss", train)] + [(k, [r for r in records if k in r]) for k in eval_keys]
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
   for ax, (key, rows) in zip(axes[0], panels):

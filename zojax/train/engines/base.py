@@ -79,6 +79,11 @@ def skipped_steps(opt_state) -> jax.Array:
   return opt_state.skipped
 
 
+def model_step_metrics(model: Model, metrics, model_state) -> dict:
+  """The model's own per-step log values (`Model.step_metrics`), {} when it has none."""
+  return model.step_metrics(metrics, model_state) if model.step_metrics else {}
+
+
 def step_model_state(model: Model, model_state, aux, step, ok):
   """`model.update_state` after a step, unless the step was skipped (`ok` False)."""
   if model.update_state is None:

@@ -32,7 +32,8 @@ def make_step(model: Model, tx: optax.GradientTransformation):
         model_state=base.step_model_state(model, state.model_state, aux, state.step, ~skipped),
         opt_state=opt_state, rng=state.rng)
     out = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": skipped,
-           **base.accuracy(metrics)}
+           **base.accuracy(metrics),
+           **base.model_step_metrics(model, metrics, new_state.model_state)}
     return new_state, out
 
   return step
