@@ -8,7 +8,10 @@ import pytest
 from zojax.data import fetch, rgbd
 from zojax.errors import ConfigError
 
-pytestmark = pytest.mark.assets  # the renderer is the fetched pybullet wheel
+# The renderer is the fetched pybullet wheel (CPython 3.11, x86-64 Linux).
+pytestmark = [pytest.mark.assets,
+              pytest.mark.skipif(rgbd.renderer_unsupported() is not None,
+                                 reason=str(rgbd.renderer_unsupported()))]
 
 
 @pytest.fixture(scope="module")
