@@ -4,7 +4,7 @@ Importing this package registers every built-in model: the LLaMA family (`llama`
 SmolLM2-135M loader (`smollm2`) and the Flax NNX examples.
 """
 
-from zojax.models import llama, nnx_examples, smollm2  # noqa: F401  (register themselves)
+from zojax.models import llama, moe, nnx_examples, smollm2  # noqa: F401  (register themselves)
 from zojax.models.flax_adapter import from_flax
 from zojax.models.interface import Model, from_block_model
 from zojax.models.protocol import BlockModel
