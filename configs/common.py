@@ -44,8 +44,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
   c.optim.learning_rate = 1e-5
-  c.optim.schedule = "constant"
+  c.optim.schedule = "constant"    # constant | linear | cosine | onecycle
   c.optim.warmup_steps = 0
+  # onecycle (PyTorch OneCycleLR, cosine): lr/div_factor -> lr over the first pct_start of the
+  # steps -> lr/div_factor/final_div_factor; b1 cycles b1 -> b1_min -> b1 (0: b1 fixed).
+  c.optim.pct_start = 0.3
+  c.optim.div_factor = 25.0
+  c.optim.final_div_factor = 1e4
+  c.optim.b1_min = 0.0
   c.optim.weight_decay = 0.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
