@@ -152,3 +152,34 @@ def test_missing_renderer_says_how_to_fetch(tmp_path, monkeypatch):
     rgbd.load_pybullet()
   msg = str(e.value)
   assert "\n" not in msg and "python -m zojax.data.fetch pybullet" in msg
+
+
+def test_task_batches_follow_the_contract(tmp_path, monkeypatch, three):
+  from zojax.data import tasks
+  (tmp_path / "pybullet").symlink_to(fetch.fetch("pybullet"))
+  monkeypatch.setenv("ZOJAX_DATA", str(tmp_path))
+  cfg = rgbd.task_config(num_train=3, num_test=2)
+  task = tasks.build(cfg, batch_size=2, seed=0)
+  assert task.name == "rgbd_rooms" and task.info["sizes"] == {"train": 3, "test": 2}
+  assert task.info["render_seconds"]["train"] > 0 and task.info["eigen_crop"] == [9, 94, 8, 120]
+  batch = task.train_batch(0)
+  assert set(batch) == {"image", "depth"}
+  assert batch["image"].shape == (2, 96, 128, 3) and batch["image"].dtype == np.float32
+  assert batch["depth"].shape == (2, 96, 128) and batch["depth"].dtype == np.float32
+  idx = tasks.batching.batch_indices(3, 2, seed=0, step=0)
+  np.testing.assert_array_equal(batch["image"], three["image"][idx] / np.float32(255))
+  np.testing.assert_array_equal(batch["depth"], three["depth"][idx])
+  (test_batch,) = list(tasks.eval_batches(task.eval_sets["test"], 4))
+  assert set(test_batch) == {"image", "depth", "eval_mask", "weight"}
+  np.testing.assert_array_equal(test_batch["weight"], [1, 1, 0, 0])
+  assert test_batch["eval_mask"].dtype == np.float32
+  np.testing.assert_array_equal(test_batch["eval_mask"][0], rgbd.eigen_mask())
+  assert 0 <= test_batch["image"].min() and test_batch["image"].max() <= 1
+
+
+def test_task_config_errors_name_the_key():
+  from zojax.data import tasks
+  with pytest.raises(ConfigError, match=r"^config key 'task.image_width'=120 must be"):
+    tasks.build(rgbd.task_config(image_width=120), batch_size=2, seed=0)
+  with pytest.raises(ConfigError, match=r"^config key 'task.num_test'=0"):
+    tasks.build(rgbd.task_config(num_test=0), batch_size=2, seed=0)

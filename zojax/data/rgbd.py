@@ -847,6 +847,53 @@ def rooms(split: str, count: int, *, height: int = HEIGHT, width: int = WIDTH, s
           "seconds": sum(loaded[c][1] for c in chunks), "rendered": rendered}
 
 
+def task_config(**overrides):
+  """The `rgbd_rooms` task's config (`zojax.data.tasks.build`), with `overrides` applied."""
+  import ml_collections
+  t = ml_collections.ConfigDict()
+  t.name = "rgbd_rooms"
+  t.image_height, t.image_width = HEIGHT, WIDTH   # multiples of 32
+  t.num_train, t.num_test = 3000, 300
+  t.data_seed = 0          # fixes the rooms; config.seed shuffles the batches
+  t.update(overrides)
+  return t
+
+
+def as_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """uint8 images to float32 in [0, 1]; the rest unchanged."""
+  return {**batch, "image": batch["image"].astype(np.float32) / 255.0}
+
+
+def task_sets(cfg) -> tuple[dict, dict, dict]:
+  """The `rgbd_rooms` task's data: (train, test, info), rendered on first use.
+
+  train holds uint8 ``image`` [N, H, W, 3] (converted per batch by `as_float`, to keep
+  3,000 images at 110 MB, not 440) and ``depth`` [N, H, W] metres, 0 invalid; test holds
+  float32 ``image``, ``depth`` and ``eval_mask`` [N, H, W] (1 inside the Eigen crop).
+  """
+  check_size(cfg.image_height, cfg.image_width)
+  for key in ("num_train", "num_test", "data_seed"):
+    v = cfg[key]
+    if not isinstance(v, (int, np.integer)) or v < (0 if key == "data_seed" else 1):
+      raise ConfigError(f"config key 'task.{key}'={v!r} must be an integer >= "
+                        f"{0 if key == 'data_seed' else 1}")
+  h, w, seed = cfg.image_height, cfg.image_width, cfg.data_seed
+  train = rooms("train", cfg.num_train, height=h, width=w, seed=seed)
+  test = rooms("test", cfg.num_test, height=h, width=w, seed=seed)
+  mask = np.broadcast_to(eigen_mask(h, w).astype(np.float32), test["depth"].shape)
+  k = intrinsics(h, w)
+  info = {"name": "rgbd_rooms", "image_size": [h, w], "data_seed": seed,
+          "sizes": {"train": cfg.num_train, "test": cfg.num_test},
+          "render_seconds": {"train": round(train["seconds"], 1),
+                             "test": round(test["seconds"], 1)},
+          "intrinsics": [k[0, 0], k[1, 1], k[0, 2], k[1, 2]],
+          "depth_range": [MIN_DEPTH, MAX_DEPTH], "eigen_crop": list(eigen_crop(h, w)),
+          "cache": str(cache_dir(h, w, seed))}
+  return ({"image": train["image"], "depth": train["depth"]},
+          as_float({"image": test["image"], "depth": test["depth"], "eval_mask": mask.copy()}),
+          info)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description="Render the RGB-D rooms into the cache (resumable).")
   ap.add_argument("--train", type=int, default=3000)

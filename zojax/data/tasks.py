@@ -10,11 +10,11 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from zojax.data import batching, corpus, sentiment, synthetic
+from zojax.data import batching, corpus, rgbd, sentiment, synthetic
 from zojax.data.tokenizer import smollm2_tokenizer
 from zojax.errors import ConfigError
 
-TASKS = ("sentiment", "corpus", "oriented_bars")
+TASKS = ("sentiment", "corpus", "oriented_bars", "rgbd_rooms")
 eval_batches = batching.eval_batches
 
 # Encoded fields the model reads; the rest (e.g. `truncated`) is bookkeeping.
@@ -106,6 +106,18 @@ def _oriented_bars(cfg, batch_size: int, seed: int) -> Task:
               evals, info)
 
 
+def _rgbd_rooms(cfg, batch_size: int, seed: int) -> Task:
+  """Rendered RGB-D rooms (`rgbd.task_sets`): train and test are independent streams of
+  `cfg.data_seed`, rendered once into the cache; `seed` shuffles."""
+  train, test, info = rgbd.task_sets(cfg)
+
+  def train_batch(step, rows=None):
+    kw = {} if rows is None else {"rows": rows}
+    return rgbd.as_float(batching.batches(train, batch_size, seed=seed, step=step, **kw))
+
+  return Task("rgbd_rooms", 0, train_batch, {"test": test}, info)
+
+
 def build(cfg, *, batch_size: int, seed: int) -> Task:
   if cfg.name == "sentiment":
     return _sentiment(cfg, batch_size, seed)
@@ -113,4 +125,6 @@ def build(cfg, *, batch_size: int, seed: int) -> Task:
     return _corpus(cfg, batch_size, seed)
   if cfg.name == "oriented_bars":
     return _oriented_bars(cfg, batch_size, seed)
+  if cfg.name == "rgbd_rooms":
+    return _rgbd_rooms(cfg, batch_size, seed)
   raise ValueError(f"config key 'task.name'={cfg.name!r} is not one of {TASKS}")
