@@ -59,6 +59,22 @@ def boundary_margin(scores_TxE, bias_E, k: int) -> jax.Array:
   return top[:, k - 1] - top[:, k]
 
 
+def dual64(scores_TxE, bias_SxE, k: int) -> np.ndarray:
+  """`balance.dual_value` in float64 numpy for each row of bias [S, E] (or one [E]).
+
+  Float32 sums of thousands of tokens blur differences of 1e-4; monotonicity checks need
+  the exact value.
+  """
+  s = np.asarray(scores_TxE, np.float64)
+  b = np.atleast_2d(np.asarray(bias_SxE, np.float64))
+  n, num_experts = s.shape
+  out = np.empty(b.shape[0])
+  for row, b_E in enumerate(b):
+    top = np.partition(s + b_E, num_experts - k, axis=1)[:, num_experts - k:]
+    out[row] = top.sum() - n * k / num_experts * b_E.sum()
+  return out if np.ndim(bias_SxE) > 1 else out[0]
+
+
 def _record(s_TxE, b_E, k, w_T):
   r = routing.route(s_TxE, b_E, k)
   load_E = routing.loads(r.experts, s_TxE.shape[-1], w_T)
@@ -109,10 +125,14 @@ def online_trajectory(batches_SxTxE, k: int, cfg: balance.BalanceConfig, *, bias
 
 def transfers(experts_a_TxK, experts_b_TxK, num_experts: int):
   """Which experts each token left and joined between routings a and b: two [T, E] bools."""
-  xa = np.asarray(routing.assignment(jnp.asarray(experts_a_TxK), num_experts)) > 0
-  xb = np.asarray(routing.assignment(jnp.asarray(experts_b_TxK), num_experts)) > 0
+  def chosen(experts):
+    experts = np.asarray(experts)
+    x = np.zeros((experts.shape[0], num_experts), bool)
+    x[np.arange(experts.shape[0])[:, None], experts] = True
+    return x
+  xa, xb = chosen(experts_a_TxK), chosen(experts_b_TxK)
   return xa & ~xb, xb & ~xa
 
 
-__all__ = ["boundary_margin", "online_trajectory", "planted_scores",
+__all__ = ["boundary_margin", "dual64", "online_trajectory", "planted_scores",
            "synthetic_scores", "trajectory", "transfers"]
