@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _experts
+
 from zojax import moe
 from zojax.errors import ConfigError
 
@@ -15,12 +17,7 @@ T, D, F, E, K = 48, 16, 24, 8, 2
 
 @pytest.fixture(scope="module")
 def problem():
-  keys = jax.random.split(jax.random.key(0), 5)
-  x = jax.random.normal(keys[0], (T, D))
-  w = (jax.random.normal(keys[1], (E, D, F)) / 4, jax.random.normal(keys[2], (E, D, F)) / 4,
-       jax.random.normal(keys[3], (E, F, D)) / 5)
-  logits = 1.5 * jax.random.normal(keys[4], (T, E))
-  return x, logits, w
+  return _experts.problem(0, T, D, F, E, logit_scale=1.5)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "cf"))

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _experts
+
 from zojax import moe
 from zojax.errors import ConfigError
 from zojax.zo.parallel import collective_traffic
@@ -18,12 +20,8 @@ def _mesh(shape, names):
 
 @pytest.fixture(scope="module")
 def problem():
-  keys = jax.random.split(jax.random.key(1), 5)
-  x = jax.random.normal(keys[0], (T, D))
-  w = (jax.random.normal(keys[1], (E, D, F)) / 4, jax.random.normal(keys[2], (E, D, F)) / 4,
-       jax.random.normal(keys[3], (E, F, D)) / 5)
-  r = moe.route(moe.scores(jax.random.normal(keys[4], (T, E))), None, K)
-  return x, r, w
+  x, logits, w = _experts.problem(1, T, D, F, E)
+  return x, moe.route(moe.scores(logits), None, K), w
 
 
 def _ep_loss(mesh, cf):
