@@ -12,6 +12,8 @@ Arg (comma-separated):
   dense        the dense LLaMA control with the same activated parameters (moe-small-dense)
   dispatch=    dropless (default) | capacity | dense;  capacity=FLOAT its capacity factor
   opt=NAME     adamw (default) | galore_adamw | zo_sgd
+  ep=N         expert parallelism: experts sharded over an "expert" mesh axis of N devices,
+               tokens exchanged by all-to-all (capacity buffers, factor `capacity`)
   seed=N, steps=N, batch=N
   tiny         a 2-layer, 8-expert model for a few steps at seq_len 32: plumbing check on CPU
 (default)      moe-small: 4 layers, d=192, 16 experts of width 128, top-2 (6.9M parameters,
@@ -29,7 +31,7 @@ OPTIMIZERS = ("adamw", "galore_adamw", "zo_sgd")
 def get_config(arg=None):
   arg = common.parse_arg(arg, tiny=False, rule="sign", u=1e-3, alpha=1e-2, freeze=0,
                          dense=False, dispatch="dropless", capacity=1.25, opt="adamw", seed=0,
-                         steps=400, batch=16)
+                         steps=400, batch=16, ep=0)
   if arg.opt not in OPTIMIZERS:
     raise ValueError(f"config arg opt={arg.opt!r} is not one of {OPTIMIZERS}")
   c = common.base_config()
@@ -48,6 +50,10 @@ def get_config(arg=None):
     c.model.balance.u = arg.u
     c.model.balance.alpha = arg.alpha
     c.model.balance.freeze_after = arg.freeze   # 0: never
+  if arg.ep > 1:
+    c.model.expert_parallel = True
+    c.mesh.axes = (("data", -1), ("expert", arg.ep))
+    c.mesh.rules = tuple(c.mesh.rules) + (("experts", "expert"),)
   c.optim.name = arg.opt
   c.optim.learning_rate = 3e-3
   c.optim.schedule = "cosine"
@@ -60,6 +66,7 @@ def get_config(arg=None):
   if arg.opt == "zo_sgd":
     c.optim.learning_rate = 1e-4
     c.optim.schedule = "constant"
+    c.optim.grad_clip = 0.0
   c.train.steps = arg.steps
   c.train.batch_size = arg.batch
   c.train.eval_batch_size = 16

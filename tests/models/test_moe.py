@@ -2,7 +2,7 @@
 batch just routed, global counts (with a shard-local negative control), expert parallelism,
 non-finite steps, bad config values."""
 
-import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -178,3 +178,21 @@ def test_bad_config_values_name_the_field(field, value, match):
   with pytest.raises(ConfigError, match=match) as err:
     models.build(cfg, None)
   assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("opt", ["galore_adamw", "zo_sgd"])
+def test_trains_through_the_loop_with_other_optimizers(opt, tmp_path):
+  """The MoE composes: GaLore projects the stacked [L, E, D, F] experts per (layer, expert);
+  under dense ZO the bias moves from the loads of the θ + εz_0 forward (no extra forward)."""
+  from zojax.train import config as config_lib, loop
+  config = config_lib.load(f"configs/moe_lm.py:tiny,opt={opt},rule=sign,u=0.01")
+  config.train.progress = False
+  config.train.eval_at_start = False
+  results = loop.train(config, tmp_path)
+  assert results["nonfinite_steps"] == 0
+  records = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if "train/moe/bias" in r]
+  assert len(records) == config.train.steps
+  first, last = np.asarray(records[0]["train/moe/bias"]), np.asarray(records[-1]["train/moe/bias"])
+  assert np.abs(first).max() > 0 and not np.array_equal(first, last)
+  assert np.isfinite(results["final_eval"]["validation/max_vio_global"])
