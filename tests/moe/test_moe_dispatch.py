@@ -1,4 +1,4 @@
-"""Dropless, capacity and dense dispatch agree (values and gradients); capacity drops as documented."""
+"""Dropless, capacity and dense dispatch agree (values, gradients); capacity drops as documented."""
 
 import functools
 

@@ -49,8 +49,9 @@ def solve_assignment(scores_TxE, k: int, capacity: float | None = None):
     capacity: per-expert capacity C; default T*K/E (must then be an integer).
 
   Returns:
-    ``(assignment [T, E] float64, optimum, prices [E] >= 0)``; the assignment is what HiGHS
-    returns (0/1 up to solver tolerance when K and C are integers).
+    ``(assignment [T, E] float64, optimum, prices [E] >= 0)``. When HiGHS's vertex is
+    within 1e-7 of 0/1 (always, for integer K and C) it is rounded to exactly 0/1, and the
+    optimum is the float64 sum of the chosen scores, not the solver's rounded objective.
   """
   s = np.asarray(scores_TxE, np.float64)
   T, E = s.shape
@@ -63,35 +64,53 @@ def solve_assignment(scores_TxE, k: int, capacity: float | None = None):
       bounds=(0.0, 1.0), method="highs")
   if res.status != 0:
     raise RuntimeError(f"assignment LP failed: {res.message}")
-  return res.x.reshape(T, E), -res.fun, -np.asarray(res.ineqlin.marginals)
+  x = res.x.reshape(T, E)
+  if np.allclose(x, np.round(x), rtol=0, atol=1e-7):
+    x = np.round(x)  # a vertex of a TU system: exact 0/1, so the optimum below is exact too
+  return x, float((s * x).sum()), -np.asarray(res.ineqlin.marginals)
 
 
-def price_range(scores_TxE, k: int, assignment_TxE=None):
-  """Per-expert range of the centred optimal prices, over the whole dual optimal set.
+def price_differences(scores_TxE, k: int, assignment_TxE=None) -> np.ndarray:
+  """The dual-optimal set as difference constraints: p_j - p_i >= w[i, j] ([E, E], -inf: none).
 
-  The dual optimum is rarely a point. By complementary slackness the optimal prices are
-  exactly those under which an optimal assignment x* is a top-K choice for every token:
-  p_j - p_i >= s[t, j] - s[t, i] whenever x*[t, i] = 1 and x*[t, j] = 0. These difference
-  constraints leave an E-dimensional polyhedron (a line of common shifts); [lo_i, hi_i]
-  bounds p_i - mean(p) over it (2E LPs in E variables).
+  By complementary slackness the optimal prices are exactly those under which an optimal
+  assignment x* is a top-K choice of every token (ties allowed), i.e.
+  p_j - p_i >= s[t, j] - s[t, i] whenever x*[t, i] = 1 and x*[t, j] = 0, closed under
+  chains (p_j - p_i >= w[i, m] + w[m, j]). The interval then left to p_j - p_i,
+  [w[i, j], -w[j, i]], is exactly the set's extent along that direction.
 
   Args:
     scores_TxE: [T, E] scores.
     k: experts per token.
     assignment_TxE: an optimal 0/1 assignment; solved with `solve_assignment` if None.
-
-  Returns:
-    ``(lo [E], hi [E])``: a centred bias b is dual optimal iff -b lies in the polyhedron,
-    so -b_i in [lo_i, hi_i] is necessary (and what converging iterates are checked against).
   """
   s = np.asarray(scores_TxE, np.float64)
-  T, E = s.shape
   x = solve_assignment(s, k)[0] if assignment_TxE is None else np.asarray(assignment_TxE)
   chosen = x > 0.5
   pairs = chosen[:, :, None] & ~chosen[:, None, :]  # [t, i, j]: i chosen, j not
-  w = np.where(pairs, s[:, None, :] - s[:, :, None], -np.inf).max(0)  # p_j - p_i >= w_ij
+  w = np.where(pairs, s[:, None, :] - s[:, :, None], -np.inf).max(0)
+  # Chains tighten the bounds: p_j - p_i >= w_im + w_mj. Longest paths (Floyd-Warshall).
+  for m in range(w.shape[0]):
+    w = np.maximum(w, w[:, m:m + 1] + w[m:m + 1, :])
+  np.fill_diagonal(w, np.where(np.diag(w) > 0, np.diag(w), -np.inf))
+  return w
+
+
+def price_range(scores_TxE, k: int, assignment_TxE=None):
+  """Per-expert range of the centred optimal prices, over the whole dual optimal set.
+
+  The dual optimum is rarely a point: `price_differences` leaves an E-dimensional
+  polyhedron (a line of common shifts); [lo_i, hi_i] bounds p_i - mean(p) over it (2E LPs
+  in E variables).
+
+  Returns:
+    ``(lo [E], hi [E])``: a centred bias b is dual optimal only if -b_i in [lo_i, hi_i] for
+    all i (the box around the polyhedron; what converging iterates are checked against).
+  """
+  w = price_differences(scores_TxE, k, assignment_TxE)
+  E = w.shape[0]
   i_idx, j_idx = np.nonzero(np.isfinite(w))
-  a_ub = np.zeros((i_idx.size, E))
+  a_ub = np.zeros((i_idx.size, E))  # p_i - p_j <= -w_ij
   a_ub[np.arange(i_idx.size), i_idx] = 1.0
   a_ub[np.arange(i_idx.size), j_idx] = -1.0
   lo, hi = np.empty(E), np.empty(E)
@@ -110,4 +129,4 @@ def price_range(scores_TxE, k: int, assignment_TxE=None):
   return lo, hi
 
 
-__all__ = ["price_range", "solve_assignment"]
+__all__ = ["price_differences", "price_range", "solve_assignment"]

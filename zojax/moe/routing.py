@@ -79,7 +79,7 @@ def route(scores_TxE: jax.Array, bias_E: jax.Array | None, k: int, *,
 
 def assignment(experts_TxK: jax.Array, num_experts: int,
                weights_T: jax.Array | None = None) -> jax.Array:
-  """The 0/1 assignment matrix x[t, i] = 1 if token t picked expert i, times its weight. [T, E] f32."""
+  """x[t, i] = weight_t if token t picked expert i, else 0: [T, E] float32 (0/1 unweighted)."""
   x_TxE = jax.nn.one_hot(experts_TxK, num_experts, dtype=jnp.float32).sum(-2)
   return x_TxE if weights_T is None else x_TxE * weights_T.astype(jnp.float32)[:, None]
 
