@@ -9,7 +9,8 @@ activated parameters; MoE with no balancing; the Switch/GShard auxiliary loss at
 1e-3; DeepSeek's loss-free sign rule at u 1e-3 and 1e-2; the proportional rule (the dual
 subgradient step, error / mean load) at u 1e-2; a decaying step u/sqrt(t+1). Every arm runs
 through `zojax.train.loop.train` (a workdir per arm, so an interrupted table resumes), on the
-offline corpus with ids mapped to the 4,096 most frequent, rows of 128 tokens, batch 16.
+offline corpus with ids mapped to the 4,096 most frequent, rows of 128 tokens, batch 8 (what
+a shared 2-core CPU allowed: 400 steps x 1,024 tokens per arm).
 
 Columns: validation perplexity; MaxVio_global (loads summed over the validation rows, per
 layer, then the mean over layers); mean MaxVio_batch over the last 20% of steps, beside the
@@ -101,10 +102,10 @@ def duality_gap(config, workdir: pathlib.Path) -> dict | None:
 CPU_DISPATCH = "dispatch=capacity,capacity=2.0"
 
 
-def run_arm(name: str, arg: str, seed: int, steps: int, root: pathlib.Path) -> dict:
+def run_arm(name: str, arg: str, seed: int, steps: int, batch: int, root: pathlib.Path) -> dict:
   if arg != "dense":
     arg = f"{arg},{CPU_DISPATCH}"
-  config = moe_lm.get_config(f"{arg},seed={seed},steps={steps}")
+  config = moe_lm.get_config(f"{arg},seed={seed},steps={steps},batch={batch}")
   config.train.progress = False
   workdir = root / f"{name}_seed{seed}"
   done = workdir / "results.json"
@@ -166,6 +167,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--arms", default=",".join(ARMS))
   parser.add_argument("--steps", type=int, default=400)
+  parser.add_argument("--batch", type=int, default=8, help="rows of 128 tokens per step")
   parser.add_argument("--root", default="runs/moe_balance")
   parser.add_argument("--out", default=str(RESULTS / "moe_balance.json"))
   args = parser.parse_args()
@@ -174,10 +176,10 @@ def main():
   rows = []
   for name in args.arms.split(","):
     for seed in ((0, 1) if name in TWO_SEEDS else (0,)):
-      row = run_arm(name, ARMS[name], seed, args.steps, root)
+      row = run_arm(name, ARMS[name], seed, args.steps, args.batch, root)
       rows.append(row)
       print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-  config = moe_lm.get_config(f"steps={args.steps}")
+  config = moe_lm.get_config(f"steps={args.steps},batch={args.batch}")
   shape = moe.CONFIGS[config.model.name]
   tokens = config.train.batch_size * config.task.seq_len
   out = {"rows": rows, "steps": args.steps, "batch_tokens": tokens,
