@@ -1,4 +1,9 @@
-"""The one entry point: python -m zojax.run --config configs/X.py[:arg] --workdir DIR [key=value ...]."""
+"""The one entry point: python -m zojax.run --config configs/X.py[:arg] --workdir DIR [key=value ...].
+
+One process, or one of many: on SLURM, Open MPI or Cloud TPU the processes find each other
+on their own; elsewhere pass --coordinator_address, --num_processes and --process_id to
+each (or use `python -m zojax.launch` on one machine). See `zojax.train.distributed`.
+"""
 
 from __future__ import annotations
 
@@ -16,22 +21,41 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--config", required=True, help="configs/X.py or configs/X.py:arg")
   parser.add_argument("--workdir", required=True, help="run directory (resumes if it has checkpoints)")
   parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=10")
+  from zojax.train import distributed  # noqa: PLC0415  (imports JAX; keep --help fast)
+  distributed.add_flags(parser)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  try:
+    group = distributed.start(args)  # before anything else touches JAX
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  # Process 0 speaks for the run; the others report errors only.
+  logging.basicConfig(level=logging.INFO if group.process_id == 0 else logging.ERROR,
+                      format="%(asctime)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
   try:
     config = config_lib.load(args.config)
     config_lib.override(config, args.overrides)
     config_lib.validate(config)
-    from zojax.train import loop  # noqa: PLC0415  (imports JAX; keep --help and errors fast)
+    from zojax.train import loop  # noqa: PLC0415  (imports the train stack; keep errors fast)
     results = loop.train(config, args.workdir)
   except (config_lib.ConfigError, AssetError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  summary = {"workdir": args.workdir, "steps": results["steps"],
-             "initial_eval": results["initial_eval"], "final_eval": results["final_eval"],
-             "peak_step_bytes": results["step_memory"].get("peak_bytes")}
-  print(json.dumps(summary))
+    return distributed.fail(str(e), 2)
+  except Exception as e:  # noqa: BLE001  (many processes: the others must hear of it)
+    return distributed.fail_unexpected(e)
+  except KeyboardInterrupt:
+    if group.num_processes == 1:
+      raise
+    return distributed.fail("interrupted", 130)
+  try:
+    distributed.finish()
+  except Exception as e:  # noqa: BLE001  (a process that never reached the end)
+    return distributed.fail(f"the run's processes did not finish together: {e}", 1)
+  if group.process_id == 0:
+    summary = {"workdir": args.workdir, "steps": results["steps"],
+               "initial_eval": results["initial_eval"], "final_eval": results["final_eval"],
+               "peak_step_bytes": results["step_memory"].get("peak_bytes")}
+    print(json.dumps(summary))
   return 0
 
 

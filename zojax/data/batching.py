@@ -3,11 +3,15 @@
 Shared by every task: the examples are a dict of arrays with one leading dimension N.
 Because a training batch depends only on (data, seed, step), the integer step is the
 whole data-iterator state, which is what makes checkpoint resume exact.
+
+In a multi-process run each process reads only its rows of every global batch (``rows``,
+from `zojax.train.distributed.process_rows`); the global batch stays the same for any
+number of processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -44,7 +48,8 @@ def batch_indices(n: int, batch_size: int, *, seed: int, step: int) -> np.ndarra
 
 
 def batches(
-    encoded: dict[str, np.ndarray], batch_size: int, *, seed: int, step: int
+    encoded: dict[str, np.ndarray], batch_size: int, *, seed: int, step: int,
+    rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
   """The training batch for global step `step`, a pure function of (data, seed, step).
 
@@ -59,17 +64,28 @@ def batches(
     batch_size: B; may exceed N (the batch then spans several epochs).
     seed: the shuffling seed.
     step: the global optimizer step (>= 0).
+    rows: positions in the batch to read (this process's share); None: all B.
 
   Returns:
-    `encoded` with every array indexed by the B example indices of this step.
+    `encoded` with every array indexed by the B example indices of this step (or by those
+    at `rows`).
   """
   n = _num_examples(encoded)
   idx = batch_indices(n, batch_size, seed=seed, step=step)
+  if rows is not None:
+    idx = idx[rows]
   return {k: v[idx] for k, v in encoded.items()}
 
 
+def sampler(encoded: dict[str, np.ndarray], batch_size: int, *,
+            seed: int) -> Callable[..., dict[str, np.ndarray]]:
+  """``train_batch(step, rows=None)``: `batches` of `encoded` for a task."""
+  return lambda step, rows=None: batches(encoded, batch_size, seed=seed, step=step, rows=rows)
+
+
 def eval_batches(
-    encoded: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    encoded: dict[str, np.ndarray], batch_size: int,
+    rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Yields fixed-size batches covering every example once, in order.
 
   The last batch is filled up with copies of its last real example and `weight` 0, so every
@@ -78,15 +94,18 @@ def eval_batches(
   Args:
     encoded: from `encode_prompts`.
     batch_size: B.
+    rows: positions in each batch to read (this process's share); None: all B.
 
   Yields:
-    `encoded` sliced to B rows, plus `weight`: float32 [B], 1 for real rows, 0 for padding.
+    `encoded` sliced to B rows (or those at `rows`), plus `weight`: float32, 1 for real
+    rows, 0 for padding.
   """
   n = _num_examples(encoded)
   if batch_size < 1:
     raise ValueError(f"{batch_size=} must be >= 1")
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows)
   for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
+    idx = start + rows
     weight = (idx < n).astype(np.float32)
     idx = np.minimum(idx, n - 1)
     yield {**{k: v[idx] for k, v in encoded.items()}, "weight": weight}

@@ -60,3 +60,33 @@ def oriented_bars(n: int, *, size: int = 8, bar_length: int = 5, noise: float = 
   image[np.arange(n)[:, None], y_NxL, x_NxL] = 1.0
   image += rng.normal(0.0, noise, size=image.shape).astype(np.float32)
   return {"image": image[..., None], "label": label_N}
+
+
+def markov_tokens(n: int, *, seq_len: int, vocab: int, successors: int = 4, seed: int = 0,
+                  stream: int = 0) -> np.ndarray:
+  """`n` token sequences from a fixed random first-order Markov chain, a pure function of
+  its arguments: a tiny language to learn, with no download.
+
+  The chain (fixed by `seed`) lets each token be followed by one of `successors` tokens,
+  with Dirichlet(1) probabilities, so a model can bring its loss from log(vocab) towards
+  the chain's entropy, at most log(successors). `stream` draws another set of sequences
+  from the same chain (train, validation, ...).
+
+  Returns:
+    int32 [n, seq_len + 1]: rows for next-token prediction (tokens = [:, :-1], targets =
+    [:, 1:]).
+  """
+  if min(n, seq_len, vocab, successors) < 1:
+    raise ValueError(f"markov_tokens: n={n}, seq_len={seq_len}, vocab={vocab}, "
+                     f"successors={successors} must all be >= 1")
+  chain = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0])))
+  next_VxS = chain.integers(0, vocab, size=(vocab, successors))
+  cdf_VxS = np.cumsum(chain.dirichlet(np.ones(successors), size=vocab), axis=1)
+  rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 1, int(stream)])))
+  tokens = np.empty((n, seq_len + 1), np.int32)
+  tokens[:, 0] = rng.integers(0, vocab, size=n)
+  u_NxT = rng.random((n, seq_len))
+  for t in range(seq_len):
+    pick = np.minimum((u_NxT[:, t, None] > cdf_VxS[tokens[:, t]]).sum(axis=1), successors - 1)
+    tokens[:, t + 1] = next_VxS[tokens[:, t], pick]
+  return tokens

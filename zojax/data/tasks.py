@@ -14,7 +14,7 @@ from zojax.data import batching, corpus, rgbd, sentiment, synthetic
 from zojax.data.tokenizer import smollm2_tokenizer
 from zojax.errors import ConfigError
 
-TASKS = ("sentiment", "corpus", "oriented_bars", "rgbd_rooms")
+TASKS = ("sentiment", "corpus", "oriented_bars", "markov", "rgbd_rooms")
 eval_batches = batching.eval_batches
 
 # Encoded fields the model reads; the rest (e.g. `truncated`) is bookkeeping.
@@ -25,7 +25,8 @@ EVAL_SUBSET_SEED = 20240101
 class Task(NamedTuple):
   name: str
   vocab_size: int
-  train_batch: Callable[[int], dict[str, np.ndarray]]
+  # train_batch(step, rows=None): the batch of `step`, or its `rows` (a process's share).
+  train_batch: Callable[..., dict[str, np.ndarray]]
   eval_sets: dict[str, dict[str, np.ndarray]]
   info: dict
 
@@ -58,7 +59,7 @@ def _sentiment(cfg, batch_size: int, seed: int) -> Task:
           "sizes": {"train": len(train["label"]), **{n: len(e["label"]) for n, e in evals.items()}},
           "truncated": truncated}
   return Task("sentiment", tok.get_vocab_size(),
-              lambda step: batching.batches(train, batch_size, seed=seed, step=step),
+              batching.sampler(train, batch_size, seed=seed),
               evals, info)
 
 
@@ -86,7 +87,7 @@ def _corpus(cfg, batch_size: int, seed: int) -> Task:
   info = {"name": "corpus", "seq_len": cfg.seq_len,
           "sizes": {"train": len(train["tokens"]), "validation": len(val)}, **info}
   return Task("corpus", vocab,
-              lambda step: batching.batches(train, batch_size, seed=seed, step=step),
+              batching.sampler(train, batch_size, seed=seed),
               {"validation": _lm_rows(val)}, info)
 
 
@@ -102,7 +103,7 @@ def _oriented_bars(cfg, batch_size: int, seed: int) -> Task:
           "image_size": cfg.image_size, "noise": cfg.noise, "data_seed": cfg.data_seed,
           "sizes": {"train": cfg.num_train, **{k: cfg.num_eval for k in evals}}}
   return Task("oriented_bars", 0,
-              lambda step: batching.batches(train, batch_size, seed=seed, step=step),
+              batching.sampler(train, batch_size, seed=seed),
               evals, info)
 
 
@@ -118,6 +119,20 @@ def _rgbd_rooms(cfg, batch_size: int, seed: int) -> Task:
   return Task("rgbd_rooms", 0, train_batch, {"test": test}, info)
 
 
+def _markov(cfg, batch_size: int, seed: int) -> Task:
+  """Next-token prediction on a random Markov chain (`synthetic.markov_tokens`): train and
+  validation drawn from independent streams of `cfg.data_seed`; no download."""
+  draw = lambda n, stream: synthetic.markov_tokens(
+      n, seq_len=cfg.seq_len, vocab=cfg.vocab_size, successors=cfg.successors,
+      seed=cfg.data_seed, stream=stream)
+  train = _lm_rows(draw(cfg.num_train, 0))
+  info = {"name": "markov", "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len,
+          "successors": cfg.successors, "data_seed": cfg.data_seed,
+          "sizes": {"train": cfg.num_train, "validation": cfg.num_eval}}
+  return Task("markov", cfg.vocab_size, batching.sampler(train, batch_size, seed=seed),
+              {"validation": _lm_rows(draw(cfg.num_eval, 1))}, info)
+
+
 def build(cfg, *, batch_size: int, seed: int) -> Task:
   if cfg.name == "sentiment":
     return _sentiment(cfg, batch_size, seed)
@@ -125,6 +140,8 @@ def build(cfg, *, batch_size: int, seed: int) -> Task:
     return _corpus(cfg, batch_size, seed)
   if cfg.name == "oriented_bars":
     return _oriented_bars(cfg, batch_size, seed)
+  if cfg.name == "markov":
+    return _markov(cfg, batch_size, seed)
   if cfg.name == "rgbd_rooms":
     return _rgbd_rooms(cfg, batch_size, seed)
   raise ValueError(f"config key 'task.name'={cfg.name!r} is not one of {TASKS}")

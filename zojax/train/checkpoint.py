@@ -1,31 +1,39 @@
 """Orbax checkpointing of the whole training state, for exact resume.
 
 A checkpoint holds the train state pytree (params, optimizer state, step, PRNG key data,
-skip counters) plus a small JSON record (the config it was written with, and a crc32 of each
-array). The data iterator's position is the step itself: batches are a pure function of
+skip counters) plus a small JSON record (the config it was written with, and a checksum of
+each array). The data iterator's position is the step itself: batches are a pure function of
 (seed, step).
+
+Multi-process runs (`zojax.train.distributed`) save and restore the same way: orbax has each
+process write the shards it owns and process 0 the metadata and the JSON record, and
+restores onto whatever shardings `abstract_state` asks for, so a run may resume on another
+process count where its mesh allows. Every process takes the same decisions (which
+checkpoint restores, which is damaged) from values they all share.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import pathlib
 import shutil
 import sys
-import zlib
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from zojax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 # Key of the per-array checksums in the JSON record; `restore_latest` takes it out again.
-_CHECKSUMS = "array_crc32"
+_CHECKSUMS = "array_hash32"
+_OLD_CHECKSUMS = "array_crc32"  # whole-array crc32s of older checkpoints: not checked
 
 
 class CheckpointError(ConfigError):
@@ -54,7 +62,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, *,
     return False
   meta = {**meta, _CHECKSUMS: _checksums(state)}
   mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      state=ocp.args.StandardSave(_drop_empty(state)), meta=ocp.args.JsonSave(meta)), force=True)
   mngr.wait_until_finished()
   return True
 
@@ -104,17 +112,33 @@ def abstract(tree: Any, shardings: Any) -> Any:
 
 
 def _attempt(mngr: ocp.CheckpointManager, step: int, abstract_state: Any):
-  """(state, meta) of `step`, or a line saying why it does not restore."""
+  """(state, meta) of `step`, or a line saying why it does not restore.
+
+  Each process reads its shards on its own (orbax's handlers, without the manager's
+  barriers, so that one process failing cannot leave the others waiting), then one
+  collective (`_agree`) gives every process every process's outcome and the checksums,
+  and all decide alike.
+  """
   global _attempting
   _quiet_restore_debris()
   _attempting = True
+  state = meta = why = None
   try:
-    return _restore(mngr, step, abstract_state)
+    state, meta = _read(mngr, step, abstract_state)
+    local = _local_hashes(state)
   except Exception as e:  # noqa: BLE001  (tensorstore, JSON, a missing file: all unreadable)
-    return _one_line(e)
+    why, local = _one_line(e), np.zeros(len(jax.tree.leaves(abstract_state)), np.uint32)
   finally:
     gc.collect()  # the abandoned reads' coroutines, while their errors are still dropped
     _attempting = False
+  failed, totals = _agree(why is not None, local)
+  if failed:
+    return why or f"process {failed[0]} could not read it"
+  try:
+    _verify(meta, totals, state)
+  except ValueError as e:
+    return _one_line(e)
+  return state, meta
 
 
 _attempting = False  # whether `_attempt` is running
@@ -146,33 +170,129 @@ def _quiet_restore_debris() -> None:
   sys.unraisablehook = hook
 
 
+def _read(mngr: ocp.CheckpointManager, step: int, abstract_state: Any):
+  """(state, meta) as stored at `step`, this process's shards only; nothing checked."""
+  step_dir = pathlib.Path(mngr.directory) / str(step)
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    state = handler.restore(step_dir / "state",
+                            args=ocp.args.StandardRestore(_drop_empty(abstract_state)))
+  finally:
+    handler.close()
+  state = _put_back_empty(state, abstract_state)
+  meta = ocp.JsonCheckpointHandler().restore(step_dir / "meta", args=ocp.args.JsonRestore())
+  return state, dict(meta)
+
+
 def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any):
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  state, meta = restored["state"], dict(restored["meta"])
-  expected = meta.pop(_CHECKSUMS, None)  # None: written before checksums were
-  if expected is not None:
-    actual = _checksums(state)
-    wrong = [path for path in expected if actual.get(path) != expected[path]]
-    if wrong or actual.keys() != expected.keys():
-      raise ValueError(f"{len(wrong)} arrays differ from their checksums "
-                       f"(first: {wrong[0] if wrong else 'the tree structure'})")
+  """(state, meta) of `step`; raises if it does not read or fails its checksums."""
+  state, meta = _read(mngr, step, abstract_state)
+  _verify(meta, _agree(False, _local_hashes(state))[1], state)
   return state, meta
 
 
+def _verify(meta: dict, actual: np.ndarray, state: Any) -> None:
+  """Takes the checksums out of `meta`; ValueError if `actual` (`_agree`'s) differs."""
+  meta.pop(_OLD_CHECKSUMS, None)
+  expected = meta.pop(_CHECKSUMS, None)  # None: written before checksums were
+  if expected is None:
+    return
+  paths = _paths(state)
+  wrong = [p for p, a in zip(paths, actual) if expected.get(p) != int(a)]
+  if wrong or set(paths) != expected.keys():
+    raise ValueError(f"{len(wrong)} arrays differ from their checksums "
+                     f"(first: {wrong[0] if wrong else 'the tree structure'})")
+
+
+def _is_empty(x) -> bool:
+  return hasattr(x, "shape") and math.prod(x.shape) == 0
+
+
+def _drop_empty(tree: Any) -> Any:
+  """Zero-size arrays as None: orbax refuses to write them (a streamed run without resident
+  blocks has [0, ...] stacks); `_put_back_empty` makes them again on restore."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten([None if _is_empty(x) else x for x in leaves])
+
+
+def _put_back_empty(restored: Any, abstract_state: Any) -> Any:
+  leaves, treedef = jax.tree.flatten(abstract_state)
+  stored = iter(jax.tree.leaves(restored))
+  return treedef.unflatten([
+      jax.device_put(np.zeros(a.shape, a.dtype), a.sharding) if _is_empty(a) else next(stored)
+      for a in leaves])
+
+
 def _checksums(state: Any) -> dict[str, int]:
-  """crc32 of each array's bytes, by tree path.
+  """A 32-bit checksum of each array's values, by tree path (a collective when the state
+  is spread over processes: every process gets every value).
 
   The array files carry no checksum of their own: a flipped byte inside a chunk restores
-  silently as a wrong value, which only this comparison catches.
+  silently as a wrong value, which only this comparison catches. The checksum is
+  ``sum_i mix(bits_i, i) mod 2**32`` over the elements i of the whole (global) array:
+  `mix` is a bijection of the bits for each i, so changing any one element always changes
+  it, and a sum can be formed shard by shard, each process adding the shards it owns, so
+  it is the same for any sharding, mesh or process count.
   """
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+  return dict(zip(_paths(state), map(int, _agree(False, _local_hashes(state))[1])))
+
+
+def _paths(state: Any) -> list[str]:
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+def _local_hashes(state: Any) -> np.ndarray:
+  """uint32 [leaves]: each array's checksum sum over the shards this process owns (the
+  replica-0 copy of each shard; process 0 for host values)."""
+  out = []
+  for leaf in jax.tree.leaves(state):
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
-    data = np.ascontiguousarray(jax.device_get(leaf)).reshape(-1).view(np.uint8)
-    out[jax.tree_util.keystr(path)] = zlib.crc32(data)
-  return out
+    if isinstance(leaf, jax.Array):
+      blocks = [(np.asarray(s.data), s.index) for s in leaf.addressable_shards
+                if s.replica_id == 0]
+    else:
+      leaf = np.asarray(leaf)
+      blocks = [(leaf, ())] if jax.process_index() == 0 else []
+    shape = tuple(leaf.shape)
+    out.append(sum(_block_hash(data, index, shape) for data, index in blocks) % 2**32)
+  return np.asarray(out, np.uint32)
+
+
+def _block_hash(data: np.ndarray, index: tuple, shape: tuple) -> int:
+  """Sum of mix(bits, global flat position) over one block of an array of `shape`."""
+  data = np.ascontiguousarray(data)
+  if data.size == 0:
+    return 0
+  # The global flat position of each element of the block.
+  ranges = [np.arange(*sl.indices(dim)) for sl, dim in
+            zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape)]
+  pos = np.ravel_multi_index(np.ix_(*ranges), shape) if shape else np.zeros((), np.int64)
+  itemsize = data.dtype.itemsize
+  if itemsize in (1, 2):
+    words = data.view(f"u{itemsize}").astype(np.uint32)
+  else:  # 4- and 8-byte elements: one 32-bit word each, or two
+    words = data.view(np.uint32).reshape(*data.shape, itemsize // 4)
+    pos = pos[..., None] * (itemsize // 4) + np.arange(itemsize // 4)
+  x = words ^ (pos.astype(np.uint32) * np.uint32(0x9E3779B9))
+  # murmur3's finalizer: a bijection of 32-bit words that mixes every bit into every bit.
+  x ^= x >> np.uint32(16)
+  x *= np.uint32(0x85EBCA6B)
+  x ^= x >> np.uint32(13)
+  x *= np.uint32(0xC2B2AE35)
+  x ^= x >> np.uint32(16)
+  return int(x.sum(dtype=np.uint64)) % 2**32
+
+
+def _agree(failed: bool, local: np.ndarray) -> tuple[list[int], np.ndarray]:
+  """(processes that failed, checksums summed over processes): the same on every process.
+  One collective in a multi-process run."""
+  if jax.process_count() == 1:
+    return ([0] if failed else []), local
+  mine = np.concatenate([[np.uint32(failed)], local]).astype(np.uint32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).astype(np.uint64)
+  totals = (every[:, 1:].sum(axis=0) % 2**32).astype(np.uint32)
+  return [int(p) for p in np.flatnonzero(every[:, 0])], totals
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -186,14 +306,18 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
-  """Moves a damaged checkpoint out of the manager's directory (kept for inspection)."""
+  """Moves a damaged checkpoint out of the manager's directory (kept for inspection);
+  process 0 moves it, the others wait for that."""
   directory = pathlib.Path(mngr.directory)
   target = directory.with_name(directory.name + "_damaged") / str(step)
   n = 0
   while target.exists():  # damaged at this step before: keep both
     n += 1
     target = target.with_name(f"{step}.{n}")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  shutil.move(directory / str(step), target)
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(directory / str(step), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"zojax checkpoint {step} set aside")
   mngr.reload()
   return target

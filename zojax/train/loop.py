@@ -24,7 +24,7 @@ import tqdm
 
 from zojax import models
 from zojax.data import tasks
-from zojax.train import checkpoint, config as config_lib, engines, metrics, sharding
+from zojax.train import checkpoint, config as config_lib, distributed, engines, metrics, sharding
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,14 @@ def evaluate(eval_step, params, model_state, task: tasks.Task, batch_size: int,
   """Metrics on every eval split: accuracy + loss (classification) or loss + perplexity (LM),
   plus the model's own (`Model.eval_metrics`, given the split's totalled sums)."""
   results = {}
+  rows = distributed.process_rows(batch_sharding, batch_size)  # this process's share
   for split, data in task.eval_sets.items():
     total = None
-    for batch in tasks.eval_batches(data, batch_size):
-      sums = eval_step(params, model_state, jax.device_put(batch, batch_sharding))
+    for batch in tasks.eval_batches(data, batch_size, rows=rows):
+      sums = eval_step(params, model_state,
+                       distributed.put_batch(batch, batch_sharding, batch_size))
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    total = jax.device_get(total)
+    total = distributed.fetch(total)
     count = float(total["count"])
     results[f"{split}/loss"] = float(total["loss_sum"]) / count
     if "correct" in total:
@@ -106,16 +108,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   workdir.mkdir(parents=True, exist_ok=True)
   config_json = json.loads(config.to_json())
   t = config.train
-  mesh = sharding.make_mesh([tuple(a) for a in config.mesh.axes])
+  mesh = distributed.make_mesh(config.mesh.axes)  # checked before any collective runs
   _check_batch_sizes(config, mesh)
-  task = tasks.build(config.task, batch_size=t.batch_size, seed=config.seed)
-  model = models.build(config.model, task)
+  primary = distributed.is_primary()  # writes the run's output; the others only compute
+  with distributed.primary_first("build"):  # one process fills a shared asset cache
+    task = tasks.build(config.task, batch_size=t.batch_size, seed=config.seed)
+    model = models.build(config.model, task)
   engine = engines.build(config, model, mesh)
 
   mngr = checkpoint.manager(workdir / "checkpoints", keep=t.keep_checkpoints)
   start, state = _restore_or_init(engine, mngr, config_json, workdir)
-  metrics_log = metrics.MetricsLog(workdir / "metrics.jsonl", resume_step=start)
-  batch_at = lambda step: jax.device_put(task.train_batch(step), engine.batch_sharding)
+  metrics_log = (metrics.MetricsLog(workdir / "metrics.jsonl", resume_step=start) if primary
+                 else distributed.Discard())
+  rows = distributed.process_rows(engine.batch_sharding, t.batch_size)  # this process's share
+  batch_at = lambda step: distributed.put_batch(task.train_batch(step, rows=rows),
+                                                engine.batch_sharding, t.batch_size)
   step_memory = engine.compile(state, batch_at(start))
   eval_step = make_eval_step(model)
   eval_sharding = sharding.batch_sharding(mesh)
@@ -135,15 +142,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   initial_eval = run_eval(0) if start == 0 and t.eval_at_start else None
   last = t.halt_at_step or t.steps
-  bar = tqdm.tqdm(total=last, initial=start, disable=not t.progress, desc=workdir.name,
-                  dynamic_ncols=True)
+  bar = tqdm.tqdm(total=last, initial=start, disable=not (t.progress and primary),
+                  desc=workdir.name, dynamic_ncols=True)
   t0, timed_steps = None, 0
   try:
     for step in range(start, last):
       state, out = engine.step(state, batch_at(step))
       done = step + 1
       if done % t.log_every == 0 or done % SYNC_EVERY == 0 or done == last:
-        out = jax.device_get(out)
+        out = distributed.fetch(out)
         _check_nonfinite(engine, state, out, done, t, save, workdir)
         if done % t.log_every == 0 or done == last:
           metrics_log.write({"step": done, **{f"train/{k}": v for k, v in out.items()},
@@ -159,9 +166,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       if t.eval_every and done % t.eval_every == 0 and done != last:
         run_eval(done)
   except KeyboardInterrupt:
-    step_now = int(state.step)
-    save(step_now, force=True)
-    log.warning("interrupted: state saved at step %d", step_now)
+    if jax.process_count() == 1:  # many: the processes may stand at different steps
+      step_now = int(state.step)
+      save(step_now, force=True)
+      log.warning("interrupted: state saved at step %d", step_now)
     raise
   finally:
     bar.close()
@@ -180,11 +188,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       "step_memory": step_memory,
       "seconds_per_step": seconds_per_step,
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "processes": jax.process_count(),
       "config": config_json,
       **engine.results(state, workdir),
   }
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  metrics.plot_curves(metrics_log.read(), workdir / "curves.png", title=workdir.name)
+  if primary:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    metrics.plot_curves(metrics_log.read(), workdir / "curves.png", title=workdir.name)
   return results
 
 

@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zojax.models import protocol
@@ -695,7 +696,9 @@ class StreamEngine:
   def params(self, state: StreamState) -> dict:
     """The current parameters as numpy arrays, pending update applied (state is kept)."""
     flushed = self._flush_copy(state)
-    outer, resident, blocks = jax.device_get((flushed.outer, flushed.resident, flushed.blocks))
+    # Whole arrays on every process, also when slices live on other processes' devices.
+    outer, resident, blocks = multihost_utils.process_allgather(
+        (flushed.outer, flushed.resident, flushed.blocks), tiled=True)
     stacked = jax.tree.map(lambda a, b: np.concatenate([a, b]), resident, blocks)
     return {**outer, "blocks": stacked}
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from zojax import zo
 from zojax.models import Model
-from zojax.train import memory
+from zojax.train import distributed, memory
 from zojax.train.engines import base
 
 
@@ -51,6 +51,8 @@ class SeedLogged:
     self.log = zo.ZOLog.from_json(meta["zo_log"])
 
   def save_log(self, workdir) -> dict:
+    if not distributed.is_primary():  # many processes: process 0 writes the run's files
+      return {}
     path = workdir / "zo_log.json"
     self.log.save(path)
     return {"zo_log_bytes": path.stat().st_size}
@@ -108,7 +110,8 @@ class DenseZOEngine(SeedLogged, base.TrainStateEngine):
       replayed, _ = zo.replay(self.placed.initial_params(), self.log, self.tx, apply=self._apply)
       out["replay_bit_identical"] = all(
           bool(np.array_equal(a, b)) for a, b in
-          zip(jax.tree.leaves(jax.device_get(replayed)), jax.tree.leaves(jax.device_get(state.params))))
+          zip(jax.tree.leaves(distributed.fetch(replayed)),
+              jax.tree.leaves(distributed.fetch(state.params))))
     return out
 
 
