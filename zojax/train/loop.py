@@ -123,7 +123,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   rows = distributed.process_rows(engine.batch_sharding, t.batch_size)  # this process's share
   batch_at = lambda step: distributed.put_batch(task.train_batch(step, rows=rows),
                                                 engine.batch_sharding, t.batch_size)
-  step_memory = engine.compile(state, batch_at(start))
+  with jax.set_mesh(mesh):  # models that shard_map inside (MoE experts) trace under the mesh
+    step_memory = engine.compile(state, batch_at(start))
   eval_step = make_eval_step(model)
   eval_sharding = sharding.batch_sharding(mesh)
 
@@ -134,7 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       checkpoint.save(mngr, step, state, {"config": config_json, **engine.meta()}, force=True)
 
   def run_eval(step):
-    with mesh:
+    with jax.set_mesh(mesh):
       results = evaluate(eval_step, *engine.params(state), task, t.eval_batch_size,
                          eval_sharding, eval_metrics=model.eval_metrics)
     metrics_log.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
