@@ -59,9 +59,14 @@ def test_unsupported_tokenizers_raise(key, value, match):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-  vocab = gguf_file.read_gguf_metadata(gguf_file.smollm2_gguf_path())["tokenizer.ggml.tokens"]
-  return tokenizer_lib.smollm2_tokenizer(), vocab
+def smollm2_metadata():
+  """SmolLM2's GGUF metadata, parsed once for the module (~10 s of pure Python)."""
+  return gguf_file.read_gguf_metadata(gguf_file.smollm2_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_metadata):
+  return tokenizer_lib.smollm2_tokenizer(), smollm2_metadata["tokenizer.ggml.tokens"]
 
 
 @pytest.mark.assets
@@ -102,3 +107,29 @@ def test_smollm2_special_tokens(smollm2):
     assert vocab[i] == t and tok.encode(t).ids == [i] and tok.token_to_id(t) == i
   assert tok.encode("<|im_start|>user\n").ids == [1, vocab.index("user"), vocab.index("Ċ")]
   assert tok.decode(tok.encode("<|im_start|>Hi<|im_end|>").ids) == "Hi"
+
+
+@pytest.mark.assets
+def test_smollm2_disk_cache_equals_the_fresh_build_and_survives_a_torn_file(
+    tmp_path, monkeypatch, smollm2_metadata):
+  """The cached JSON restores the very tokenizer the GGUF builds; a torn file is rebuilt."""
+  gguf = gguf_file.smollm2_gguf_path()  # the real asset; only the tokenizer cache moves
+  metadata = smollm2_metadata
+  monkeypatch.setattr(gguf_file, "smollm2_gguf_path", lambda: gguf)
+  monkeypatch.setattr(gguf_file, "read_gguf_metadata", lambda path: metadata)
+  monkeypatch.setenv("ZOJAX_DATA", str(tmp_path))
+  fresh = tokenizer_lib.tokenizer_from_gguf(metadata)
+  tokenizer_lib.smollm2_tokenizer.cache_clear()
+  built = tokenizer_lib.smollm2_tokenizer()          # builds and writes the cache
+  (cached,) = (tmp_path / "tokenizers").glob("*.json")
+  tokenizer_lib.smollm2_tokenizer.cache_clear()
+  loaded = tokenizer_lib.smollm2_tokenizer()         # reads it back
+  text = "<|im_start|>user\nPrices rose 12.5% in 2024<|im_end|>"
+  for tok in (built, loaded):
+    assert tok.to_str() == fresh.to_str()
+    assert tok.encode(text).ids == fresh.encode(text).ids
+  cached.write_text("{not json")
+  tokenizer_lib.smollm2_tokenizer.cache_clear()
+  assert tokenizer_lib.smollm2_tokenizer().to_str() == fresh.to_str()
+  assert cached.read_text() == fresh.to_str()
+  tokenizer_lib.smollm2_tokenizer.cache_clear()

@@ -10,12 +10,14 @@ so no tokenizer.json has to be shipped alongside it::
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
 from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from zojax.data import gguf_file
+from zojax.data import fetch, gguf_file
 
 _CONTROL = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL: special tokens such as <|im_start|>
 
@@ -75,7 +77,34 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> tokenizers.Tokenizer:
   return tok
 
 
+# Bump when `tokenizer_from_gguf` changes what it builds: the cached JSON is then rebuilt.
+_CONVERSION_VERSION = 1
+
+
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer() -> tokenizers.Tokenizer:
-  """SmolLM2-135M-Instruct's tokenizer, from its GGUF's metadata (tensors are not read)."""
-  return tokenizer_from_gguf(gguf_file.read_gguf_metadata(gguf_file.smollm2_gguf_path()))
+  """SmolLM2-135M-Instruct's tokenizer, from its GGUF's metadata (tensors are not read).
+
+  Parsing the metadata's 49k-entry arrays takes ~10 s of pure Python, which every process
+  (each CLI run, each test worker) would pay; the built tokenizer is kept as JSON in the
+  cache, keyed by the GGUF file's size and mtime and by `_CONVERSION_VERSION`.
+  """
+  gguf = gguf_file.smollm2_gguf_path()
+  stat = gguf.stat()
+  cached = (fetch.data_dir() / "tokenizers" /
+            f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{_CONVERSION_VERSION}.json")
+  if cached.exists():
+    try:
+      return tokenizers.Tokenizer.from_file(str(cached))
+    except Exception:  # a torn or foreign file: rebuild it below
+      pass
+  tok = tokenizer_from_gguf(gguf_file.read_gguf_metadata(gguf))
+  _write_atomically(cached, tok.to_str())
+  return tok
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)  # concurrent writers each write whole files; the last one wins
