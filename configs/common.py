@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.zo.eps = 1e-3                  # perturbation scale (MeZO: 1e-3)
   c.zo.num_samples = 1             # perturbation directions per step (n-SPSA)
   c.zo.one_sided = False
+  c.zo.direction = "gaussian"      # distribution of z: gaussian (MeZO) | rademacher (+-1, SPSA)
   # How the step's work is cut (the same on any mesh, so the trajectory is too): the batch in
   # micro-batches sharing z (a multiple of the mesh's data axis for zo.engine='stream'), and
   # SPSA branches per streamed unit (2: a sample's +-eps together; 1: one each).
@@ -131,4 +132,5 @@ def corpus_task() -> ml_collections.ConfigDict:
   t.seq_len = 256
   t.val_fraction = 0.02            # held-out share of each source
   t.eval_limit = 64                # validation rows scored at each eval (0: all)
+  t.vocab_limit = 0                # >0: ids mapped onto the most frequent (CPU pre-training)
   return t

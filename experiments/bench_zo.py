@@ -7,14 +7,16 @@ SmolLM2-135M (pretrained weights from its GGUF, or random ones of the same shape
 process:
   * time: one ZO step (the jitted `zo.spsa` estimate on the `BlockModel` fast path, then the
     jitted `zo_sgd` update from `zo.make_apply`, params and state donated) against two
-    inference forwards (the jitted `llama.loss_fn`, called twice). Each is warmed up, then
-    the two alternate for `--reps` repetitions; the summary is the median per-rep ratio.
-    Target: <= 1.15.
+    inference forwards (the jitted `llama.loss_fn`, called twice), for each direction of z
+    (Gaussian, Rademacher). Each is warmed up, then they take turns (the order rotating) for
+    `--reps` repetitions; the summary is the median per-rep ratio per direction, with the
+    seconds of the estimate, the update and one random-number pass over every parameter
+    (where the time goes). Target: <= 1.15 (Rademacher).
   * memory: `peak_bytes` of each compiled executable (`compiled.memory_analysis()`, see
     `zojax.train.memory`): the ZO estimate against one forward (target <= 1.1), the update
     on its own, the larger of the two (the step, as it runs) and both fused in one jit; and
     a first-order AdamW step (`value_and_grad` + `optax.adamw`, state donated) against the
-    ZO step.
+    ZO step; per direction.
   * memory only, for the GaLore paper's LLaMA-1B (`galore-1b`, 1.34B params, untied):
     the same executables lowered from `jax.ShapeDtypeStruct`s and compiled, never run.
 
@@ -48,6 +50,7 @@ from zojax.train import memory  # noqa: E402
 from zojax.zo import perturb  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+DIRECTIONS = perturb.DIRECTIONS
 
 
 class Steps(NamedTuple):
@@ -88,12 +91,13 @@ def classification_batch(config: llama.LlamaConfig, batch_size: int = 16, seq_le
   }
 
 
-def make_steps(config: llama.LlamaConfig, *, eps: float = 1e-3, zo_learning_rate: float = 1e-6,
-               adamw_learning_rate: float = 1e-5) -> Steps:
+def make_steps(config: llama.LlamaConfig, *, direction: str = "gaussian", eps: float = 1e-3,
+               zo_learning_rate: float = 1e-6, adamw_learning_rate: float = 1e-5) -> Steps:
   """Builds the jitted forward, ZO estimate and update, fused ZO step and AdamW step.
 
   Args:
     config: the model config.
+    direction: the distribution of z ("gaussian" or "rademacher").
     eps: the SPSA ε.
     zo_learning_rate: `zo_sgd`'s η.
     adamw_learning_rate: `optax.adamw`'s η.
@@ -109,7 +113,7 @@ def make_steps(config: llama.LlamaConfig, *, eps: float = 1e-3, zo_learning_rate
     return llama.loss_fn(config, params, batch)[0]
 
   def estimate(params, batch, key, step):
-    return zo.spsa(model, params, batch, key, step=step, eps=eps)
+    return zo.spsa(model, params, batch, key, step=step, eps=eps, direction=direction)
 
   def fused(params, opt_state, batch, key, step):
     loss, zograd = estimate(params, batch, key, step)
@@ -131,12 +135,12 @@ def make_steps(config: llama.LlamaConfig, *, eps: float = 1e-3, zo_learning_rate
       adamw_tx=adamw_tx)
 
 
-def noise_sums(key, step, params_like):
+def noise_sums(key, step, params_like, direction: str = "gaussian"):
   """Draws every leaf's z once (as a ZO forward or update does) and sums it: one RNG pass."""
   skey = perturb.sample_key(key, step, 0)
   return perturb.map_groups(
-      lambda layer, like: jax.tree.map(jnp.sum, perturb.layer_noise(skey, layer, like)),
-      params_like)
+      lambda layer, like: jax.tree.map(
+          jnp.sum, perturb.layer_noise(skey, layer, like, direction=direction)), params_like)
 
 
 def _abstract(tree):
@@ -147,8 +151,8 @@ def tree_bytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def compile_steps(steps: Steps, params, batch, *, adamw: bool = True,
-                  fused: bool = True) -> tuple[dict[str, Any], dict[str, float]]:
+def compile_steps(steps: Steps, params, batch, *, adamw: bool = True, fused: bool = True,
+                  forward: bool = True) -> tuple[dict[str, Any], dict[str, float]]:
   """Lowers and compiles every step from shapes only (`params`/`batch` may be abstract).
 
   Args:
@@ -157,6 +161,7 @@ def compile_steps(steps: Steps, params, batch, *, adamw: bool = True,
     batch: a batch, arrays or `jax.ShapeDtypeStruct`s.
     adamw: compile the AdamW step.
     fused: compile the fused ZO step.
+    forward: compile the forward (the same for every direction: compile it once).
 
   Returns:
     (compiled executables by name, compile seconds by name).
@@ -167,10 +172,11 @@ def compile_steps(steps: Steps, params, batch, *, adamw: bool = True,
   zo_state = jax.eval_shape(steps.zo_tx.init, params)
   zograd = jax.eval_shape(steps.estimate, params, batch, key, step)[1]
   todo = {
-      "forward": lambda: steps.forward.lower(params, batch),
       "zo_estimate": lambda: steps.estimate.lower(params, batch, key, step),
       "zo_update": lambda: steps.apply.lower(params, zo_state, zograd),
   }
+  if forward:
+    todo = {"forward": lambda: steps.forward.lower(params, batch), **todo}
   if fused:
     todo["zo_fused"] = lambda: steps.fused.lower(params, zo_state, batch, key, step)
   if adamw:
@@ -220,82 +226,94 @@ def _timed(fn) -> float:
   return time.perf_counter() - t0
 
 
-def time_zo_vs_forwards(compiled: dict[str, Any], steps: Steps, params, batch, key, *,
-                        reps: int = 7, warmup: int = 1, noise_pass: bool = True
+def time_zo_vs_forwards(compiled: dict[str, dict[str, Any]], steps: dict[str, Steps], params,
+                        batch, key, *, reps: int = 7, warmup: int = 1, noise_pass: bool = True
                         ) -> dict[str, Any]:
-  """Median wall-time ratio of one ZO step to two forwards, interleaved in this process.
+  """Median wall-time ratio of one ZO step to two forwards, per direction, in this process.
 
   A ZO step is the compiled estimate followed by the compiled (donating) update; the
-  forwards are the compiled `loss_fn` called twice. Repetitions alternate which goes first.
+  forwards are the compiled `loss_fn` called twice. In each repetition the forwards and every
+  direction's step run once, the order rotating.
 
   Args:
-    compiled: from `compile_steps` (`forward`, `zo_estimate`, `zo_update`).
-    steps: the `Steps` they came from (for the update's initial state).
-    params: concrete parameters (donated to the update and replaced each repetition).
+    compiled: by direction, from `compile_steps` (`zo_estimate`, `zo_update`; the first
+      direction's also `forward`).
+    steps: by direction, the `Steps` they came from (for the update's initial state).
+    params: concrete parameters (copied per direction: the update donates them).
     batch: a concrete batch.
     key: the base key (typed threefry key or uint32 data).
     reps: timed repetitions of each.
     warmup: untimed calls of each first.
-    noise_pass: also time one RNG pass over every parameter (z drawn and summed), the
-      work a ZO step does twice on top of its forwards.
+    noise_pass: also time one RNG pass over every parameter per direction (z drawn and
+      summed), the work a ZO step does twice on top of its forwards.
 
   Returns:
-    `zo_step_over_two_forwards` (median of per-rep ratios), median seconds of each part,
-    and the per-rep seconds.
+    `zo_step_over_two_forwards` and `zo_estimate_over_two_forwards` ({direction: median of
+    per-rep ratios}), `two_forwards_seconds` (median), per direction the median seconds of
+    each part, and the per-rep seconds (``reps``, keys ``<direction>/<part>``).
   """
   key = perturb.key_data(key)
-  opt_state = steps.zo_tx.init(params)
-  state = {"params": params, "opt_state": opt_state, "step": 0}
+  directions = list(compiled)
+  forward = compiled[directions[0]]["forward"]
   params_like = _abstract(params)
+  state = {d: {"params": jax.tree.map(jnp.copy, params),
+               "opt_state": steps[d].zo_tx.init(params), "step": 0} for d in directions}
 
   def forwards():
-    compiled["forward"](state["params"], batch)
-    return compiled["forward"](state["params"], batch)
+    forward(params, batch)
+    return forward(params, batch)
 
-  def zo_step():
-    step = jnp.int32(state["step"])
+  def zo_step(d):
+    s, c = state[d], compiled[d]
     t0 = time.perf_counter()
-    _, zograd = compiled["zo_estimate"](state["params"], batch, key, step)
+    _, zograd = c["zo_estimate"](s["params"], batch, key, jnp.int32(s["step"]))
     jax.block_until_ready(zograd)
     t1 = time.perf_counter()
-    state["params"], state["opt_state"] = compiled["zo_update"](
-        state["params"], state["opt_state"], zograd)
-    jax.block_until_ready(state["params"])
-    state["step"] += 1
+    s["params"], s["opt_state"] = c["zo_update"](s["params"], s["opt_state"], zograd)
+    jax.block_until_ready(s["params"])
+    s["step"] += 1
     return t1 - t0, time.perf_counter() - t1
 
-  noise = None
+  noise = {}
   if noise_pass:
-    noise = jax.jit(functools.partial(noise_sums, params_like=params_like)).lower(
-        key, jnp.int32(0)).compile()
+    for d in directions:
+      noise[d] = jax.jit(functools.partial(noise_sums, params_like=params_like,
+                                           direction=d)).lower(key, jnp.int32(0)).compile()
   for _ in range(warmup):
-    zo_step()
     jax.block_until_ready(forwards())
-    if noise is not None:
-      jax.block_until_ready(noise(key, jnp.int32(0)))
+    for d in directions:
+      zo_step(d)
+      if d in noise:
+        jax.block_until_ready(noise[d](key, jnp.int32(0)))
 
   rows = []
+  tasks = ["fwd", *directions]
   for r in range(reps):
     row = {}
-    order = ("zo", "fwd") if r % 2 == 0 else ("fwd", "zo")
-    for what in order:
-      if what == "zo":
-        row["zo_estimate_seconds"], row["zo_update_seconds"] = zo_step()
-        row["zo_step_seconds"] = row["zo_estimate_seconds"] + row["zo_update_seconds"]
-      else:
+    for what in tasks[r % len(tasks):] + tasks[:r % len(tasks)]:
+      if what == "fwd":
         row["two_forwards_seconds"] = _timed(forwards)
-    if noise is not None:
-      row["noise_pass_seconds"] = _timed(lambda: noise(key, jnp.int32(r)))
-    row["ratio"] = row["zo_step_seconds"] / row["two_forwards_seconds"]
+      else:
+        est, upd = zo_step(what)
+        row[f"{what}/zo_estimate_seconds"], row[f"{what}/zo_update_seconds"] = est, upd
+        row[f"{what}/zo_step_seconds"] = est + upd
+    for d in noise:
+      row[f"{d}/noise_pass_seconds"] = _timed(lambda d=d: noise[d](key, jnp.int32(r)))
+    for d in directions:
+      row[f"{d}/ratio"] = row[f"{d}/zo_step_seconds"] / row["two_forwards_seconds"]
     rows.append(row)
 
   median = lambda name: statistics.median(row[name] for row in rows)
-  out = {"zo_step_over_two_forwards": median("ratio"),
-         "zo_estimate_over_two_forwards": statistics.median(
-             row["zo_estimate_seconds"] / row["two_forwards_seconds"] for row in rows)}
-  for name in rows[0]:
-    if name != "ratio":
-      out[name] = median(name)
+  out = {
+      "zo_step_over_two_forwards": {d: median(f"{d}/ratio") for d in directions},
+      "zo_estimate_over_two_forwards": {d: statistics.median(
+          row[f"{d}/zo_estimate_seconds"] / row["two_forwards_seconds"] for row in rows)
+          for d in directions},
+      "two_forwards_seconds": median("two_forwards_seconds"),
+  }
+  for d in directions:
+    out[d] = {name.split("/", 1)[1]: median(name) for name in rows[0]
+              if name.startswith(f"{d}/") and not name.endswith("/ratio")}
   out["reps"] = rows
   return out
 
@@ -310,16 +328,48 @@ def plot(results: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   names = ["forward", "zo_estimate", "zo_update", "adamw"]
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-  for ax, (model, mem) in zip(axes, results["memory"].items()):
-    values = [_mib(mem.get(f"{n}_peak_bytes", 0)) for n in names]
-    ax.bar(names, values, color=["#999", "#4c72b0", "#7fa7d9", "#c44e52"])
-    ax.axhline(_mib(mem["params_bytes"]), ls="--", c="k", lw=0.8, label="params")
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  for ax, (model, by_direction) in zip(axes, results["memory"].items()):
+    labels, values = [], []
+    for name in names:
+      for d, mem in by_direction.items():
+        if name in ("forward", "adamw") and d != DIRECTIONS[0]:
+          continue  # the same executable for every direction
+        if f"{name}_peak_bytes" in mem:
+          labels.append(name if name in ("forward", "adamw") else f"{name}\n{d[:5]}")
+          values.append(_mib(mem[f"{name}_peak_bytes"]))
+    ax.bar(labels, values, color="#4c72b0")
+    params_bytes = next(iter(by_direction.values()))["params_bytes"]
+    ax.axhline(_mib(params_bytes), ls="--", c="k", lw=0.8, label="params")
     ax.set_title(model)
     ax.set_ylabel("peak MiB (memory_analysis)")
+    ax.tick_params(axis="x", labelsize=7)
     ax.legend()
+  ratios = results["timing"]["zo_step_over_two_forwards"]
+  axes[2].bar(list(ratios), list(ratios.values()), color=["#7fa7d9", "#4c72b0"])
+  axes[2].axhline(1.15, ls="--", c="#c44e52", lw=0.8, label="target 1.15")
+  axes[2].set_ylabel("ZO step / two forwards (median)")
+  axes[2].set_title("time, smollm2-135m")
+  axes[2].legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
+
+
+def compile_directions(config, params, batch, *, adamw: bool = True, fused: bool = True):
+  """`compile_steps` for every direction; forward and AdamW (direction-free) compiled once.
+
+  Returns:
+    ({direction: Steps}, {direction: compiled by name}, {direction: compile seconds}); every
+    direction's compiled dict holds the shared forward (and adamw) too.
+  """
+  steps, compiled, seconds = {}, {}, {}
+  for i, d in enumerate(DIRECTIONS):
+    steps[d] = make_steps(config, direction=d)
+    compiled[d], seconds[d] = compile_steps(steps[d], params, batch, adamw=adamw and i == 0,
+                                            fused=fused, forward=i == 0)
+    shared = {k: v for k, v in compiled[DIRECTIONS[0]].items() if k in ("forward", "adamw")}
+    compiled[d] = {**shared, **compiled[d]}
+  return steps, compiled, seconds
 
 
 def main():
@@ -340,9 +390,8 @@ def main():
     from zojax.models import smollm2  # noqa: PLC0415
     config, params = smollm2.load_smollm2()
   batch = classification_batch(config, args.batch_size, args.seq_len)
-  steps = make_steps(config)
-  compiled, compile_seconds = compile_steps(steps, params, batch)
-  mem_small = memory_report(compiled, tree_bytes(params))
+  steps, compiled, compile_seconds = compile_directions(config, params, batch)
+  mem_small = {d: memory_report(c, tree_bytes(params)) for d, c in compiled.items()}
   timing = time_zo_vs_forwards(compiled, steps, params, batch, jax.random.key(0),
                                reps=args.reps)
   del compiled, params
@@ -362,47 +411,47 @@ def main():
     big = llama.CONFIGS["galore-1b"]
     big_params = llama.param_shapes(big)
     big_batch = _abstract(classification_batch(big, args.batch_size, args.seq_len))
-    big_compiled, big_seconds = compile_steps(make_steps(big), big_params, big_batch,
-                                              adamw=not args.skip_1b_adamw)
-    results["memory"]["galore-1b"] = memory_report(big_compiled, tree_bytes(big_params))
+    _, big_compiled, big_seconds = compile_directions(big, big_params, big_batch,
+                                                      adamw=not args.skip_1b_adamw)
+    results["memory"]["galore-1b"] = {d: memory_report(c, tree_bytes(big_params))
+                                      for d, c in big_compiled.items()}
     results["compile_seconds"]["galore-1b"] = big_seconds
     if args.skip_1b_adamw:
       results["notes"].append("galore-1b AdamW step not compiled (--skip_1b_adamw)")
 
   small, t = results["memory"]["smollm2-135m"], results["timing"]
+  per = lambda mem, name: {d: m[name] for d, m in mem.items() if name in m}
   summary = {
       "zo_step_over_two_forwards": t["zo_step_over_two_forwards"],
-      "zo_peak_over_forward_peak": small["zo_peak_over_forward_peak"],
-      "adamw_peak_over_zo_peak": small["adamw_peak_over_zo_peak"],
+      "zo_peak_over_forward_peak": per(small, "zo_peak_over_forward_peak"),
+      "adamw_peak_over_zo_peak": per(small, "adamw_peak_over_zo_peak"),
       "targets_met": {
-          "zo_step_over_two_forwards<=1.15": t["zo_step_over_two_forwards"] <= 1.15,
-          "zo_peak_over_forward_peak<=1.1": small["zo_peak_over_forward_peak"] <= 1.1,
+          **{f"zo_step_over_two_forwards<=1.15 ({d})": r <= 1.15
+             for d, r in t["zo_step_over_two_forwards"].items()},
+          "zo_peak_over_forward_peak<=1.1": all(
+              r <= 1.1 for r in per(small, "zo_peak_over_forward_peak").values()),
       },
-      "zo_step_peak_over_forward_peak": small["zo_step_peak_over_forward_peak"],
+      "zo_step_peak_over_forward_peak": per(small, "zo_step_peak_over_forward_peak"),
       "zo_estimate_over_two_forwards": t["zo_estimate_over_two_forwards"],
-      "zo_step_seconds": t["zo_step_seconds"],
-      "zo_estimate_seconds": t["zo_estimate_seconds"],
-      "zo_update_seconds": t["zo_update_seconds"],
       "two_forwards_seconds": t["two_forwards_seconds"],
-      "noise_pass_seconds": t.get("noise_pass_seconds"),
-      "params_bytes": small["params_bytes"],
-      "forward_peak_bytes": small["forward_peak_bytes"],
-      "zo_estimate_peak_bytes": small["zo_estimate_peak_bytes"],
-      "zo_update_peak_bytes": small["zo_update_peak_bytes"],
-      "zo_step_peak_bytes": small["zo_step_peak_bytes"],
-      "zo_fused_peak_bytes": small["zo_fused_peak_bytes"],
-      "adamw_peak_bytes": small["adamw_peak_bytes"],
+      "seconds": {d: t[d] for d in DIRECTIONS},
+      "params_bytes": small[DIRECTIONS[0]]["params_bytes"],
+      "forward_peak_bytes": small[DIRECTIONS[0]]["forward_peak_bytes"],
+      "adamw_peak_bytes": small[DIRECTIONS[0]]["adamw_peak_bytes"],
   }
+  for name in ("zo_estimate_peak", "zo_update_peak", "zo_step_peak", "zo_fused_peak"):
+    summary[f"{name}_bytes"] = per(small, f"{name}_bytes")
   if "galore-1b" in results["memory"]:
     big = results["memory"]["galore-1b"]
-    for name in ("params", "forward_peak", "zo_estimate_peak", "zo_update_peak",
-                 "zo_step_peak", "adamw_peak"):
-      if f"{name}_bytes" in big:
-        summary[f"galore_1b_{name}_bytes"] = big[f"{name}_bytes"]
-    for name in ("zo_peak_over_forward_peak", "zo_step_peak_over_forward_peak",
+    first = big[DIRECTIONS[0]]
+    for name in ("params", "forward_peak", "adamw_peak"):
+      if f"{name}_bytes" in first:
+        summary[f"galore_1b_{name}_bytes"] = first[f"{name}_bytes"]
+    for name in ("zo_estimate_peak_bytes", "zo_update_peak_bytes", "zo_step_peak_bytes",
+                 "zo_peak_over_forward_peak", "zo_step_peak_over_forward_peak",
                  "adamw_peak_over_zo_peak"):
-      if name in big:
-        summary[f"galore_1b_{name}"] = big[name]
+      if name in first:
+        summary[f"galore_1b_{name}"] = per(big, name)
   summary.update(device=results["device"], jax_version=results["jax_version"],
                  weights=results["weights"], notes=results["notes"])
   results["summary"] = summary

@@ -29,8 +29,7 @@ def tiny():
   config = llama.CONFIGS["tiny"]
   params = llama.init(config, jax.random.key(0))
   batch = bench_zo.classification_batch(config, batch_size=4, seq_len=16)
-  steps = bench_zo.make_steps(config)
-  compiled, seconds = bench_zo.compile_steps(steps, params, batch, fused=False)
+  steps, compiled, seconds = bench_zo.compile_directions(config, params, batch, fused=False)
   return config, params, batch, steps, compiled, seconds
 
 
@@ -43,12 +42,17 @@ def test_classification_batch_is_scored_by_the_head(tiny):
   assert math.isfinite(float(loss)) and float(metrics["count"]) == 4
 
 
-def test_memory_numbers_come_from_memory_analysis(tiny):
-  _, params, _, _, compiled, _ = tiny
+@pytest.mark.parametrize("direction", bench_zo.DIRECTIONS)
+def test_memory_numbers_come_from_memory_analysis(tiny, direction):
+  _, params, _, _, by_direction, seconds = tiny
+  compiled = by_direction[direction]
   params_bytes = bench_zo.tree_bytes(params)
   assert params_bytes == sum(x.nbytes for x in jax.tree.leaves(params))
   report = bench_zo.memory_report(compiled, params_bytes)
   assert set(compiled) == {"forward", "zo_estimate", "zo_update", "adamw"}
+  # The direction-free executables are compiled once and shared.
+  assert compiled["forward"] is by_direction[bench_zo.DIRECTIONS[0]]["forward"]
+  assert ("forward" in seconds[direction]) == (direction == bench_zo.DIRECTIONS[0])
   for name, c in compiled.items():
     a = c.memory_analysis()
     want = (a.argument_size_in_bytes + a.output_size_in_bytes + a.temp_size_in_bytes
@@ -73,9 +77,11 @@ def test_memory_numbers_come_from_memory_analysis(tiny):
 
 def test_compile_steps_from_shapes_only(tiny):
   config, params, batch, steps, compiled, _ = tiny
+  d = "rademacher"
   abstract, _ = bench_zo.compile_steps(
-      steps, llama.param_shapes(config), jax.eval_shape(lambda: batch), adamw=False,
+      steps[d], llama.param_shapes(config), jax.eval_shape(lambda: batch), adamw=False,
       fused=False)
+  compiled = compiled[d]
   for name in abstract:
     assert (memory.step_memory(abstract[name])["peak_bytes"]
             == memory.step_memory(compiled[name])["peak_bytes"]), name
@@ -83,13 +89,17 @@ def test_compile_steps_from_shapes_only(tiny):
 
 def test_time_ratio_is_finite_and_positive(tiny):
   _, params, batch, steps, compiled, _ = tiny
-  params = jax.tree.map(jnp.copy, params)  # donated to the update
   t = bench_zo.time_zo_vs_forwards(compiled, steps, params, batch, jax.random.key(0), reps=3)
   assert len(t["reps"]) == 3
-  for name in ("zo_step_over_two_forwards", "zo_estimate_over_two_forwards",
-               "zo_step_seconds", "two_forwards_seconds", "noise_pass_seconds"):
-    assert math.isfinite(t[name]) and t[name] > 0, name
-  for row in t["reps"]:
-    assert row["zo_step_seconds"] == pytest.approx(
-        row["zo_estimate_seconds"] + row["zo_update_seconds"])
-    assert row["ratio"] == pytest.approx(row["zo_step_seconds"] / row["two_forwards_seconds"])
+  assert math.isfinite(t["two_forwards_seconds"]) and t["two_forwards_seconds"] > 0
+  for d in bench_zo.DIRECTIONS:
+    values = [t["zo_step_over_two_forwards"][d], t["zo_estimate_over_two_forwards"][d],
+              t[d]["zo_step_seconds"], t[d]["noise_pass_seconds"]]
+    assert all(math.isfinite(v) and v > 0 for v in values), (d, values)
+    for row in t["reps"]:
+      assert row[f"{d}/zo_step_seconds"] == pytest.approx(
+          row[f"{d}/zo_estimate_seconds"] + row[f"{d}/zo_update_seconds"])
+      assert row[f"{d}/ratio"] == pytest.approx(
+          row[f"{d}/zo_step_seconds"] / row["two_forwards_seconds"])
+  # Each direction trained its own copy: the caller's parameters were not donated.
+  assert all(not x.is_deleted() for x in jax.tree.leaves(params))

@@ -18,6 +18,7 @@ CONFIG = "configs/sentiment_adamw.py:tiny"
     ("train.halt_at_step=999", "train.halt_at_step"),
     ("train.steps", "train.steps"),
     ("zo.eps=0", "zo.eps"),
+    ("zo.direction=normal", "zo.direction"),
     ("model.attention=flash", "model.attention"),
 ])
 def test_bad_override_names_the_key(override, key, capsys):

@@ -16,12 +16,18 @@ from zojax.zo import perturb
 # Statistics on small problems
 
 
-def _estimates(loss_fn, theta, batch, num, eps):
+def _estimates(loss_fn, theta, batch, num, eps, direction="gaussian"):
   """num independent one-sample dense estimates (vmapped over base keys): [num, d]."""
   def one(key):
-    _, g = zo.spsa(loss_fn, theta, batch, key, eps=eps)
+    _, g = zo.spsa(loss_fn, theta, batch, key, eps=eps, direction=direction)
     return zo.materialize(g, theta)
   return jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(0), num))
+
+
+# Per-coordinate variance of the exact quadratic estimate ĝ = (zᵀg) z: E ĝ = g and
+# Var ĝ_k = Σ_j g_j² E[z_j² z_k²] − g_k² = |g|² + g_k² for z ~ N(0, I) (E z⁴ = 3), and
+# |g|² − g_k² for z uniform on {±1}^d (z_k² = 1).
+_SIGN = {"gaussian": 1.0, "rademacher": -1.0}
 
 
 def _quadratic(d, seed):
@@ -34,20 +40,27 @@ def _quadratic(d, seed):
   return loss, theta, a @ theta + b
 
 
-def test_unbiased_on_a_quadratic_within_its_variance():
-  # For a quadratic the central difference is exact, so ĝ = (zᵀg) z with z ~ N(0, I):
-  # E ĝ = g and Var ĝ_k = |g|² + g_k². The mean of N estimates is then within
-  # 5 sqrt((|g|² + g_k²) / N) of g_k (a 5-sigma bound; P(any of d fails) < d * 6e-7).
+@pytest.mark.parametrize("direction", zo.DIRECTIONS)
+def test_unbiased_on_a_quadratic_within_its_variance(direction):
+  # For a quadratic the central difference is exact, so ĝ = (zᵀg) z: E ĝ = g, with the
+  # variance above. The mean of N estimates is then within 5 sqrt(Var ĝ_k / N) of g_k (a
+  # 5-sigma bound; P(any of d fails) < d * 6e-7), and the estimates' own spread matches it.
   loss, theta, grad = _quadratic(16, seed=0)
   grad = np.asarray(grad)
   num = 8000
-  est = np.asarray(_estimates(loss, theta, None, num, eps=0.1))
-  sigma = np.sqrt((grad @ grad + grad ** 2) / num)
-  np.testing.assert_array_less(np.abs(est.mean(0) - grad), 5 * sigma)
+  est = np.asarray(_estimates(loss, theta, None, num, eps=0.1, direction=direction))
+  var = grad @ grad + _SIGN[direction] * grad ** 2
+  np.testing.assert_array_less(np.abs(est.mean(0) - grad), 5 * np.sqrt(var / num))
+  np.testing.assert_allclose(est.var(0), var, rtol=0.2)
+  # The other distribution's variance is off by 2 g_k² somewhere by far more (measured: 0.67
+  # and 1.9 relative): the check tells the two apart.
+  other = grad @ grad - _SIGN[direction] * grad ** 2
+  assert np.max(np.abs(est.var(0) / other - 1)) > 0.4
   np.testing.assert_allclose(np.asarray(jax.grad(loss)(theta, None)), grad, rtol=1e-5)
 
 
-def test_unbiased_on_logistic_regression():
+@pytest.mark.parametrize("direction", zo.DIRECTIONS)
+def test_unbiased_on_logistic_regression(direction):
   # Not quadratic: the bias is O(ε²) (negligible at ε = 1e-3); the tolerance is 5 standard
   # errors of the mean, from the estimates' own per-coordinate spread (CLT).
   rng = np.random.default_rng(1)
@@ -57,7 +70,7 @@ def test_unbiased_on_logistic_regression():
   theta = jnp.asarray(rng.standard_normal(d) * 0.3, jnp.float32)
   loss = lambda th, batch: jnp.mean(jax.nn.softplus(-batch[1] * (batch[0] @ th)))
   num = 8000
-  est = np.asarray(_estimates(loss, theta, (x, y), num, eps=1e-3))
+  est = np.asarray(_estimates(loss, theta, (x, y), num, eps=1e-3, direction=direction))
   grad = np.asarray(jax.grad(loss)(theta, (x, y)))
   stderr = est.std(0) / np.sqrt(num)
   np.testing.assert_array_less(np.abs(est.mean(0) - grad), 5 * stderr)
@@ -65,19 +78,22 @@ def test_unbiased_on_logistic_regression():
   assert np.any(np.abs(0.5 * est.mean(0) - grad) > 5 * stderr)
 
 
-def test_variance_grows_with_dimension():
-  # E|ĝ - g|² = Σ_k (|g|² + g_k²) = (d + 1)|g|² for the exact quadratic estimate: the
-  # error energy grows like d at fixed |g|. Check both values and their ratio.
+@pytest.mark.parametrize("direction", zo.DIRECTIONS)
+def test_variance_grows_with_dimension(direction):
+  # E|ĝ - g|² = Σ_k Var ĝ_k = (d ± 1)|g|² for the exact quadratic estimate (+ Gaussian,
+  # − Rademacher): the error energy grows like d at fixed |g|. Check both values and their
+  # ratio.
+  s = _SIGN[direction]
   num = 4000
   ratio = []
   for d in (8, 64):
     loss, theta, grad = _quadratic(d, seed=d)
-    est = np.asarray(_estimates(loss, theta, None, num, eps=0.1))
+    est = np.asarray(_estimates(loss, theta, None, num, eps=0.1, direction=direction))
     err = np.mean(np.sum((est - np.asarray(grad)) ** 2, axis=1))
-    expect = (d + 1) * float(grad @ grad)
-    np.testing.assert_allclose(err, expect, rtol=0.2)
+    # At d = 8 the band excludes the other direction's (d ∓ 1)|g|² (9 vs 7).
+    np.testing.assert_allclose(err, (d + s) * float(grad @ grad), rtol=0.2)
     ratio.append(err / float(grad @ grad))
-  np.testing.assert_allclose(ratio[1] / ratio[0], 65 / 9, rtol=0.25)
+  np.testing.assert_allclose(ratio[1] / ratio[0], (64 + s) / (8 + s), rtol=0.25)
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,11 +151,12 @@ def test_in_scan_forward_equals_explicitly_perturbed_params():
   np.testing.assert_array_equal(params["blocks"]["wq"], _params()["blocks"]["wq"])
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_lazy_token_table_equals_the_perturbed_table(tied):
+@pytest.mark.parametrize("tied, direction", [(True, "gaussian"), (False, "rademacher")])
+def test_lazy_token_table_equals_the_perturbed_table(tied, direction):
   """Classification reads only some table rows (tokens, label words) through PerturbedTable;
   the losses equal the dense forward on the explicitly perturbed tree, tied or untied
-  (the untied [D, V] head table is sliced along its vocabulary axis, axis 1)."""
+  (the untied [D, V] head table is sliced along its vocabulary axis, axis 1). One direction
+  per case (a compile each): row draws of packed signs equal the full draw's rows too."""
   cfg = dataclasses.replace(CFG, tie_embeddings=tied)
   params = llama.init(cfg, jax.random.key(2))
   rng = np.random.default_rng(3)
@@ -148,16 +165,21 @@ def test_lazy_token_table_equals_the_perturbed_table(tied):
            "candidates": jnp.tile(jnp.array([[11, 200]], jnp.int32), (4, 1)),
            "label": jnp.array([0, 1, 1, 0], jnp.int32)}
   lazy = jax.jit(lambda p, b: zo.perturbed_forward(
-      llama.make(cfg), p, b, KEY, step=STEP, sample=0, scales=jnp.array([EPS, -EPS]))[0])
+      llama.make(cfg), p, b, KEY, step=STEP, sample=0, scales=jnp.array([EPS, -EPS]),
+      direction=direction)[0])
 
   @jax.jit
   def explicit(p, b):
-    z = zo.tree_noise(KEY, STEP, 0, p)
-    return jnp.stack([llama.loss_fn(cfg, zo.perturb_tree(p, z, s), b)[0] for s in (EPS, -EPS)])
+    z = zo.tree_noise(KEY, STEP, 0, p, direction=direction)
+    losses = [llama.loss_fn(cfg, zo.perturb_tree(p, z, s), b)[0] for s in (EPS, -EPS)]
+    return jnp.stack(losses), z["embed"]["tokens"]
 
-  got, want = np.asarray(lazy(params, batch)), np.asarray(explicit(params, batch))
+  got = np.asarray(lazy(params, batch))
+  want, z_table = jax.device_get(explicit(params, batch))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert abs(got[0] - got[1]) > 1e-4
+  # The direction reached the draw (were it ignored, both sides would be Gaussian and equal).
+  assert (set(np.unique(z_table)) == {-1.0, 1.0}) == (direction == "rademacher")
 
 
 def test_spsa_coefficient_is_the_central_difference():
@@ -272,7 +294,8 @@ def test_non_scalar_loss_is_an_error():
 # Random-number passes per step
 
 
-def test_z_is_drawn_once_in_the_forward_and_once_in_the_update(monkeypatch):
+@pytest.mark.parametrize("direction", zo.DIRECTIONS)
+def test_z_is_drawn_once_in_the_forward_and_once_in_the_update(monkeypatch, direction):
   """Counts draws while tracing a whole step: MeZO draws every leaf 4 times, zojax 2.
 
   Stacked block leaves are drawn per layer inside a scan / vmap body, traced once: one traced
@@ -280,22 +303,22 @@ def test_z_is_drawn_once_in_the_forward_and_once_in_the_update(monkeypatch):
   (`perturb.table_rows`): the forward draws only the rows a batch reads, per branch.
   """
   calls, rows, in_rows = [], [], []
-  original_normal, original_rows = perturb.leaf_normal, perturb.table_rows
+  original_noise, original_rows = perturb.leaf_noise, perturb.table_rows
 
-  def counting_normal(key, shape):
+  def counting_noise(key, shape, direction):
     if not in_rows:  # draws of table rows are counted by counting_rows
       calls.append(tuple(shape))
-    return original_normal(key, shape)
+    return original_noise(key, shape, direction)
 
-  def counting_rows(key, shape, index):
+  def counting_rows(key, shape, index, *, direction):
     rows.append(int(np.prod(jnp.shape(index))))
     in_rows.append(True)
     try:
-      return original_rows(key, shape, index)
+      return original_rows(key, shape, index, direction=direction)
     finally:
       in_rows.pop()
 
-  monkeypatch.setattr(perturb, "leaf_normal", counting_normal)
+  monkeypatch.setattr(perturb, "leaf_noise", counting_noise)
   monkeypatch.setattr(perturb, "table_rows", counting_rows)
   params, model = _params(), llama.make(CFG)
   batch = {"tokens": _lm_batch()["tokens"], "last_index": jnp.full((8,), 7, jnp.int32),
@@ -308,12 +331,13 @@ def test_z_is_drawn_once_in_the_forward_and_once_in_the_update(monkeypatch):
 
   # The forward: each block leaf once for both branches; per branch, the final norm and
   # the table rows of the batch's 8x8 tokens and 8x2 label words.
-  jax.make_jaxpr(lambda p, b: zo.spsa(model, p, b, jax.random.key(0))[1])(params, batch)
+  estimate = lambda p, b: zo.spsa(model, p, b, jax.random.key(0), direction=direction)[1]
+  jax.make_jaxpr(estimate)(params, batch)
   assert sorted(calls) == sorted(blocks + 2 * [norm])
   assert sorted(rows) == [16, 16, 64, 64]
   # The update: every leaf once, the table in full (all of its rows).
-  zograd = jax.eval_shape(lambda p, b: zo.spsa(model, p, b, jax.random.key(0))[1],
-                          params, batch)
+  zograd = jax.eval_shape(estimate, params, batch)
+  assert zograd.direction == direction
   calls.clear()
   rows.clear()
   jax.make_jaxpr(lambda p, s, g: tx.update(g, s, p))(params, tx.init(params), zograd)

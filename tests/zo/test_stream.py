@@ -204,9 +204,11 @@ def test_prefetch_does_not_wait_for_the_block_compute():
     # a scale-0 branch per sample; Adam's moments per layer
     (dict(one_sided=True, microbatches=2, num_samples=2), 2,
      optim.zo_adam(1e-3, weight_decay=0.01)),
-    # n + 1 units of one branch; the sign direction, formed in float32 per layer
-    (dict(one_sided=True, num_samples=2), 1, optim.zo_sign(1e-3, weight_decay=0.01)),
-], ids=["adam-microbatches", "sign-branch_group1"])
+    # n + 1 units of one branch; the sign direction, formed in float32 per layer; z = ±1
+    # (Rademacher: the streamed forward, fused update and embed/head update draw packed signs)
+    (dict(one_sided=True, num_samples=2, direction="rademacher"), 1,
+     optim.zo_sign(1e-3, weight_decay=0.01)),
+], ids=["adam-microbatches", "sign-branch_group1-rademacher"])
 def test_one_sided_and_microbatches_first_step_bit_exact(kwargs, branch_group, update):
   """Up to ~75 s on 2 cores (adam + micro-batches): one streamed-step compile per case."""
   model, params0 = llama.make(CFG), llama.init(CFG, jax.random.key(0))
@@ -222,6 +224,7 @@ def test_one_sided_and_microbatches_first_step_bit_exact(kwargs, branch_group, u
   assert float(out["loss"]) == float(loss)
   np.testing.assert_array_equal(np.asarray(out["zograd"].coeffs), np.asarray(g.coeffs))
   assert len(set(np.asarray(g.coeffs).tolist())) == 2  # two samples, two directions
+  assert out["zograd"].direction == g.direction == kwargs.get("direction", "gaussian")
   _assert_bit_equal(want, engine.params(state))
 
 
@@ -298,6 +301,8 @@ def test_bad_input():
     stream.StreamEngine(model, _update(), resident_blocks=-1)
   with pytest.raises(ValueError, match=r"^branch_group=3 must be 1 or 2$"):
     stream.StreamEngine(model, _update(), branch_group=3)
+  with pytest.raises(ValueError, match=r"^direction='normal' must be one of"):
+    stream.StreamEngine(model, _update(), direction="normal")
 
 
 @pytest.mark.parametrize("update", [

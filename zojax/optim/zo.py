@@ -1,7 +1,7 @@
 """Optax transforms that consume a zeroth-order estimate (`zojax.zo.ZOGrad`) as their updates.
 
-The ``updates`` argument of these transforms is a `ZOGrad` (n scalars plus the key and step
-that regenerate z); they return dense updates shaped like the parameters, so
+The ``updates`` argument of these transforms is a `ZOGrad` (n scalars plus the key, step and
+direction that regenerate z); they return dense updates shaped like the parameters, so
 ``optax.apply_updates`` applies them as usual. Two levels, as in optax:
 
   * directions: `materialize` (ĝ = (1/n) Σ c_i z_i, to chain with any optax optimizer) and
@@ -84,7 +84,9 @@ def _direction(who: str, form: Callable) -> _Direction:
 def materialize(*, dtype=None) -> optax.GradientTransformationExtraArgs:
   """The dense estimate from a `ZOGrad`, to chain with any optax optimizer.
 
-  ĝ = (1/n) Σ_i c_i z_i  (MeZO Eq. 1), each z_i regenerated once.
+  ĝ = (1/n) Σ_i c_i z_i  (MeZO Eq. 1), each z_i regenerated once, Gaussian or Rademacher as
+  the estimate's ``direction`` says (a static field of the `ZOGrad`, so one transform serves
+  both and cannot mix them up).
 
   Args:
     dtype: dtype of the dense gradient; None gives each leaf its parameter's dtype.

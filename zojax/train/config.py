@@ -109,6 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(t.batch_size % z.microbatches == 0, "zo.microbatches", z.microbatches,
              f"must divide train.batch_size={t.batch_size}")
     _require(z.branch_group in (1, 2), "zo.branch_group", z.branch_group, "must be 1 or 2")
+    from zojax.zo.perturb import DIRECTIONS  # noqa: PLC0415 (imports jax: ZO configs only)
+    _require(z.direction in DIRECTIONS, "zo.direction", z.direction, f"must be one of {DIRECTIONS}")
     _require(not o.grad_clip, "optim.grad_clip", o.grad_clip,
              "gradient clipping does not apply to zeroth-order optimizers; set it to 0")
   _validate_zo_engine(config)

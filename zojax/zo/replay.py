@@ -1,7 +1,8 @@
 """A ZO run as a log of scalars, and its bit-exact replay from the initial weights.
 
-A ZO step's whole effect on the weights is its `ZOGrad`: the base
-key, the step and n coefficients. `ZOLog` keeps them (a few bytes a step, JSON), and
+A ZO step's whole effect on the weights is its `ZOGrad`: the base key, the step, n
+coefficients and the direction (Gaussian or Rademacher z). `ZOLog` keeps them (a few bytes
+a step, JSON; one direction per log), and
 `replay` re-runs only the optimizer updates, never a forward pass, to rebuild the final
 parameters and optimizer state.
 
@@ -41,24 +42,32 @@ def _encode(x: float):
 
 @dataclasses.dataclass
 class ZOLog:
-  """Every step's (step, coeffs, finite) plus the base key: enough to replay a run."""
+  """Every step's (step, coeffs, finite) plus the base key and direction: enough to replay
+  a run. Logs written before directions existed have no ``direction`` and load as Gaussian."""
 
   key: list[int]  # uint32 key data of the base key
   impl: str = perturb.IMPL
+  direction: str = "gaussian"
   steps: list[int] = dataclasses.field(default_factory=list)
   coeffs: list[list[float]] = dataclasses.field(default_factory=list)
   finite: list[bool] = dataclasses.field(default_factory=list)
 
+  def __post_init__(self):
+    perturb.check_direction(self.direction)
+
   @classmethod
-  def start(cls, key) -> ZOLog:
-    """An empty log for a run with base key `key` (typed or raw data)."""
-    return cls(key=[int(k) for k in np.asarray(perturb.key_data(key))])
+  def start(cls, key, direction: str = "gaussian") -> ZOLog:
+    """An empty log for a run with base key `key` (typed or raw data) drawing `direction` z."""
+    return cls(key=[int(k) for k in np.asarray(perturb.key_data(key))], direction=direction)
 
   def append(self, zograd: ZOGrad) -> None:
     """Records one step (fetches its few scalars to the host)."""
     g = jax.device_get(zograd)
     if [int(k) for k in np.asarray(g.key)] != self.key:
       raise ValueError(f"zograd.key={np.asarray(g.key).tolist()} is not this log's key {self.key}")
+    if g.direction != self.direction:
+      raise ValueError(f"zograd.direction={g.direction!r} is not this log's direction "
+                       f"{self.direction!r}")
     self.steps.append(int(g.step))
     # float32 -> Python float is exact, and JSON keeps a float's repr exactly.
     self.coeffs.append([float(c) for c in np.asarray(g.coeffs, np.float32)])
@@ -72,7 +81,7 @@ class ZOLog:
     return ZOGrad(key=jnp.asarray(np.asarray(self.key, np.uint32)),
                   step=jnp.asarray(self.steps[i], jnp.int32),
                   coeffs=jnp.asarray(np.asarray(self.coeffs[i], np.float32)),
-                  finite=jnp.asarray(self.finite[i]))
+                  finite=jnp.asarray(self.finite[i]), direction=self.direction)
 
   def to_json(self) -> str:
     record = dataclasses.asdict(self)

@@ -7,7 +7,8 @@ For each sample i with z_i from the perturbation stream (`zojax.zo.perturb`),
 
 and the gradient estimate is ĝ = (1/n) Σ_i c_i z_i (Spall 1992; MeZO, Malladi et al. 2023,
 Eq. 1 and Algorithm 1). `spsa` returns only the n scalars c_i plus what regenerates z_i
-(the base key and the step); `materialize` expands them into a dense tree when needed.
+(the base key, the step and the direction: Gaussian z as in MeZO, or Rademacher ±1 as in
+Spall's SPSA); `materialize` expands them into a dense tree when needed.
 
 Two forward paths:
   * a `BlockModel` (the fast path): θ ± εz is formed one layer at a time *inside* the block
@@ -30,7 +31,9 @@ the optimizer update draws it n more times (`materialize`). One-sample MeZO (per
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +45,20 @@ from zojax.zo import perturb
 LossFn = Callable[[Any, Any], jax.Array]
 
 
-class ZOGrad(NamedTuple):
-  """A zeroth-order gradient estimate: n projected gradients and what regenerates their z."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ZOGrad:
+  """A zeroth-order gradient estimate: n projected gradients and what regenerates their z.
+
+  ``direction`` is static (part of the tree structure, not an array), so a consumer compiled
+  for one distribution cannot be handed an estimate drawn from the other.
+  """
 
   key: jax.Array     # uint32 key data of the run's base key (perturb.IMPL)
   step: jax.Array    # int32 []: the step t the z_i were drawn for
   coeffs: jax.Array  # float32 [n]: c_i, the directional derivative along z_i
   finite: jax.Array  # bool []: every loss and coefficient was finite
+  direction: str = dataclasses.field(default="gaussian", metadata=dict(static=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -92,13 +102,15 @@ def _split(batch, microbatches: int):
 # Forward passes
 
 
-def _stacked_branches(tree, layer_key, scales_S):
+def _stacked_branches(tree, layer_key, scales_S, direction):
   """[S, ...] perturbed copies of one group's leaves: w + scales[s]·z, z drawn once."""
-  z = perturb.group_noise(layer_key, tree)
+  z = perturb.group_noise(layer_key, tree, direction=direction)
+  if direction == "gaussian":  # else each branch would draw it again (signs unpack cheaply)
+    z = jax.tree.map(lambda zz: perturb.unfused(zz, layer_key), z)
   return jax.tree.map(lambda w, zz: perturb.perturb_stacked(w, zz, scales_S), tree, z)
 
 
-def _outer_at(params, skey, scale, groups=("embed", "head")):
+def _outer_at(params, skey, scale, direction, groups=("embed", "head")):
   """params with `groups` at θ + scale·z: vectors perturbed, tables lazy.
 
   Token tables become `protocol.PerturbedTable`s, so the model perturbs only the rows it
@@ -113,17 +125,23 @@ def _outer_at(params, skey, scale, groups=("embed", "head")):
     def leaf(k, w):
       if len(w.shape) >= 2:
         return protocol.PerturbedTable(w=w, key=jax.random.key_data(k), scale=scale,
-                                       axis=perturb.table_axis(w.shape), rows=_table_rows)
-      return perturb.perturb(w, perturb.leaf_normal(k, w.shape), scale)
+                                       axis=perturb.table_axis(w.shape),
+                                       rows=_TABLE_ROWS[direction])
+      return perturb.perturb(w, perturb.leaf_noise(k, w.shape, direction), scale)
     out[name] = jax.tree.map(leaf, keys, sub)
   return out
 
 
-def _table_rows(key_data, shape, index):
-  return perturb.table_rows(perturb.wrap_key(key_data), shape, index)
+def _table_rows(key_data, shape, index, direction):
+  return perturb.table_rows(perturb.wrap_key(key_data), shape, index, direction=direction)
 
 
-def embed_branches(model: protocol.BlockModel, params, batch, skey, scales_S):
+# One function per direction, made once: PerturbedTable.rows is static (compared by identity).
+_TABLE_ROWS = {d: functools.partial(_table_rows, direction=d) for d in perturb.DIRECTIONS}
+
+
+def embed_branches(model: protocol.BlockModel, params, batch, skey, scales_S, *,
+                   direction="gaussian"):
   """The model's embed at θ + scales[s]·z for every branch: a carry with a leading [S] axis.
 
   The pieces `embed_branches`, `block_branches` and `head_branches` are the dual forward
@@ -132,27 +150,31 @@ def embed_branches(model: protocol.BlockModel, params, batch, skey, scales_S):
   Branches of embed and head run one after the other (they are cheap: a gather and the
   head), so only one branch's perturbed rows exist at a time.
   """
-  outs = [model.embed(_outer_at(params, skey, scales_S[s], groups=("embed",)), batch)
+  outs = [model.embed(_outer_at(params, skey, scales_S[s], direction, groups=("embed",)),
+                      batch)
           for s in range(scales_S.shape[0])]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
-def block_branches(model: protocol.BlockModel, block_params, layer, carry_S, skey, scales_S):
+def block_branches(model: protocol.BlockModel, block_params, layer, carry_S, skey, scales_S, *,
+                   direction="gaussian"):
   """Layer `layer` (one layer's params, no layer axis) at θ + scales[s]·z on each branch."""
   layer_key = jax.random.fold_in(skey, layer)
-  return jax.vmap(model.block)(_stacked_branches(block_params, layer_key, scales_S), carry_S)
+  return jax.vmap(model.block)(_stacked_branches(block_params, layer_key, scales_S, direction),
+                               carry_S)
 
 
-def head_branches(model: protocol.BlockModel, params, carry_S, batch, skey, scales_S):
+def head_branches(model: protocol.BlockModel, params, carry_S, batch, skey, scales_S, *,
+                  direction="gaussian"):
   """The head at θ + scales[s]·z on each branch: (losses [S], metrics with an [S] axis)."""
-  outs = [model.head(_outer_at(params, skey, scales_S[s]),
+  outs = [model.head(_outer_at(params, skey, scales_S[s], direction),
                      jax.tree.map(lambda x, s=s: x[s], carry_S), batch)
           for s in range(scales_S.shape[0])]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
 def perturbed_forward(model: protocol.BlockModel, params, batch, key, *, step, sample,
-                      scales):
+                      scales, direction="gaussian"):
   """Loss at θ + scales[s]·z for every branch s, in one pass over the blocks.
 
   z is drawn per layer inside the scan (`perturb.block_noise` addresses); each layer's
@@ -166,21 +188,23 @@ def perturbed_forward(model: protocol.BlockModel, params, batch, key, *, step, s
     step: the step t.
     sample: the sample index i.
     scales: float32 [S] perturbation scales, e.g. [ε, −ε].
+    direction: the distribution of z (`perturb.DIRECTIONS`).
 
   Returns:
     (losses [S], metrics with a leading [S] axis).
   """
   scales_S = jnp.asarray(scales, jnp.float32)
   skey = perturb.sample_key(key, step, sample)
-  carry_S = embed_branches(model, params, batch, skey, scales_S)
+  carry_S = embed_branches(model, params, batch, skey, scales_S, direction=direction)
   num_layers, _ = perturb.unstacked_like(params["blocks"])
 
   def body(carry_S, layer_and_params):
     layer, block_params = layer_and_params
-    return block_branches(model, block_params, layer, carry_S, skey, scales_S), None
+    return block_branches(model, block_params, layer, carry_S, skey, scales_S,
+                          direction=direction), None
 
   carry_S, _ = jax.lax.scan(body, carry_S, (jnp.arange(num_layers), params["blocks"]))
-  return head_branches(model, params, carry_S, batch, skey, scales_S)
+  return head_branches(model, params, carry_S, batch, skey, scales_S, direction=direction)
 
 
 def _combine(losses, metrics):
@@ -211,7 +235,8 @@ def _over_samples(fn, num_samples: int):
 
 
 def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e-3,
-         num_samples: int = 1, one_sided: bool = False, microbatches: int = 1):
+         num_samples: int = 1, one_sided: bool = False, microbatches: int = 1,
+         direction: str = "gaussian"):
   """The SPSA gradient estimate at `params` (MeZO Eq. 1, n samples, shared z over micro-batches).
 
   c_i = (L(θ + εz_i) − L(θ − εz_i)) / (2ε)   or, one-sided,   (L(θ + εz_i) − L(θ)) / ε.
@@ -232,6 +257,9 @@ def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e
     num_samples: n >= 1 perturbation directions.
     one_sided: forward differences against the unperturbed loss (n + 1 forwards).
     microbatches: k >= 1 contiguous micro-batches the batch is split into.
+    direction: "gaussian" (z ~ N(0, I), MeZO) or "rademacher" (z uniform on {±1}^d, Spall's
+      SPSA; drawn from packed random bits, cheaper). Both give an unbiased estimate for a
+      quadratic; per coordinate the variance is |g|² + g_k² (Gaussian) or |g|² − g_k².
 
   Returns:
     (loss, ZOGrad): loss is the mean over samples of (L+ + L−)/2 (two-sided) or L(θ)
@@ -240,6 +268,7 @@ def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e
   _check_eps(eps)
   _check_count("num_samples", num_samples)
   _check_count("microbatches", microbatches)
+  perturb.check_direction(direction)
   kdata = perturb.key_data(key)
   step = jnp.asarray(step, jnp.int32)
   eps32 = jnp.asarray(eps, jnp.float32)
@@ -256,7 +285,7 @@ def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e
 
     def losses_at(sample, scales):
       forward = lambda mb: perturbed_forward(fn, params, mb, kdata, step=step, sample=sample,
-                                             scales=scales)
+                                             scales=scales, direction=direction)
       return _over_microbatches(forward, batch, microbatches)
 
     def loss_at_params():
@@ -267,7 +296,7 @@ def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e
     _check_scalar("loss_fn", jax.eval_shape(fn, params, first))
 
     def losses_at(sample, scales):
-      z = perturb.tree_noise(kdata, step, sample, params)
+      z = perturb.tree_noise(kdata, step, sample, params, direction=direction)
 
       def forward(mb):
         losses = [fn(perturb.perturb_tree(params, z, scales[s]), mb)
@@ -290,7 +319,8 @@ def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e
     coeffs = (both[:, 0] - both[:, 1]) / (2 * eps32)
     loss, all_losses = jnp.mean(both), both
   finite = jnp.all(jnp.isfinite(all_losses)) & jnp.all(jnp.isfinite(coeffs))
-  return loss, ZOGrad(key=kdata, step=step, coeffs=coeffs.astype(jnp.float32), finite=finite)
+  return loss, ZOGrad(key=kdata, step=step, coeffs=coeffs.astype(jnp.float32), finite=finite,
+                      direction=direction)
 
 
 def group_estimate(zograd: ZOGrad, layer, like, *, dtype=None, constrain=None):
@@ -312,7 +342,7 @@ def group_estimate(zograd: ZOGrad, layer, like, *, dtype=None, constrain=None):
 
   def term(i):
     skey = perturb.sample_key(zograd.key, zograd.step, i)
-    z = constrain(perturb.layer_noise(skey, layer, like))
+    z = constrain(perturb.layer_noise(skey, layer, like, direction=zograd.direction))
     return jax.tree.map(lambda zz: zograd.coeffs[i] * zz, z)
 
   total = term(0)

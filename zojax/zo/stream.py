@@ -130,6 +130,7 @@ class StreamConfig:
     resident_blocks: blocks kept on device (the first ones).
     memory_kind: where the other blocks rest: "pinned_host" or "unpinned_host".
     layout: the mesh and slicing (`zojax.zo.parallel.make_layout`); None: one device.
+    direction: the distribution of z, "gaussian" or "rademacher" (`zojax.zo.spsa`).
   """
 
   model: protocol.BlockModel
@@ -142,6 +143,7 @@ class StreamConfig:
   resident_blocks: int = 0
   memory_kind: str = "pinned_host"
   layout: Layout | None = None
+  direction: str = "gaussian"
 
   def __post_init__(self):
     if not isinstance(self.update, zo_optim.ZOOptimizer):
@@ -153,6 +155,7 @@ class StreamConfig:
     _check_eps(self.eps)
     _check_count("num_samples", self.num_samples)
     _check_count("microbatches", self.microbatches)
+    perturb.check_direction(self.direction)
     _check_count("resident_blocks", self.resident_blocks, minimum=0)
     if self.branch_group not in (1, 2) or isinstance(self.branch_group, bool):
       raise ValueError(f"branch_group={self.branch_group!r} must be 1 or 2")
@@ -324,7 +327,7 @@ def init(cfg: StreamConfig, params, key) -> StreamState:
       resident_opt=per_layer_init(resident), blocks=blocks, blocks_opt=per_layer_init(blocks),
       pending=ZOGrad(key=kdata, step=jnp.zeros([], jnp.int32),
                      coeffs=jnp.zeros([cfg.num_samples], jnp.float32),
-                     finite=jnp.ones([], bool)),
+                     finite=jnp.ones([], bool), direction=cfg.direction),
       has_pending=jnp.zeros([], bool), skipped=jnp.zeros([], jnp.int32))
 
 
@@ -393,7 +396,8 @@ def _embed(cfg: StreamConfig, outer, batch_C, skeys, scales):
   def local(outer, batch_C, skeys, scales):
     def fn(group, chunk, _):
       skey, sc = group
-      return embed_branches(cfg.model, _outer_tree(outer), chunk, perturb.wrap_key(skey), sc)
+      return embed_branches(cfg.model, _outer_tree(outer), chunk, perturb.wrap_key(skey), sc,
+                            direction=cfg.direction)
     return _map_units(fn, (skeys, scales), batch_C, None)
   return _shard_map(cfg, local, (P(), P(DATA), P(PERT), P(PERT)), P(PERT, DATA))(
       outer, batch_C, skeys, scales)
@@ -404,7 +408,7 @@ def _head(cfg: StreamConfig, outer, acts, batch_C, skeys, scales):
     def fn(group, chunk, carry):
       skey, sc = group
       losses, metrics = head_branches(cfg.model, _outer_tree(outer), carry, chunk,
-                                      perturb.wrap_key(skey), sc)
+                                      perturb.wrap_key(skey), sc, direction=cfg.direction)
       if isinstance(metrics, dict) and "loss_sum" in metrics and "count" in metrics:
         return {"loss": losses, "loss_sum": metrics["loss_sum"], "count": metrics["count"]}
       return {"loss": losses}
@@ -431,7 +435,8 @@ def _block_forward(cfg: StreamConfig, block, layer, acts, skeys, scales, *, slic
 
     def fn(group, _, carry):
       skey, sc = group
-      return block_branches(cfg.model, block, layer, carry, perturb.wrap_key(skey), sc)
+      return block_branches(cfg.model, block, layer, carry, perturb.wrap_key(skey), sc,
+                            direction=cfg.direction)
     chunks = jax.tree.leaves(acts)[0].shape[1]
     return _map_units(fn, (skeys, scales), jnp.zeros([chunks]), acts)
 
@@ -583,7 +588,7 @@ def estimate_step(cfg: StreamConfig, state: StreamState, batch):
     coeffs, loss = (plus - other) / (2 * eps), jnp.mean(all_losses)
   finite = jnp.all(jnp.isfinite(all_losses)) & jnp.all(jnp.isfinite(coeffs))
   zograd = ZOGrad(key=state.key, step=state.step, coeffs=coeffs.astype(jnp.float32),
-                  finite=finite)
+                  finite=finite, direction=cfg.direction)
   new_state = state._replace(
       step=state.step + 1, resident=resident, resident_opt=resident_opt, blocks=blocks,
       blocks_opt=blocks_opt, pending=zograd, has_pending=jnp.ones([], bool),
@@ -650,7 +655,7 @@ class StreamEngine:
     model: the model's `BlockModel`.
     update: a `zojax.optim.zo.ZOOptimizer`, e.g. ``zojax.optim.zo_sgd(1e-3)``.
     **settings: the other `StreamConfig` fields (eps, num_samples, one_sided, microbatches,
-      branch_group, resident_blocks, memory_kind, layout).
+      branch_group, resident_blocks, memory_kind, layout, direction).
   """
 
   def __init__(self, model: protocol.BlockModel, update, **settings):

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from zojax import zo
+from zojax.errors import ConfigError
 from zojax.models import Model
 from zojax.train import distributed, memory
 from zojax.train.engines import base
@@ -34,7 +35,7 @@ def estimate_fn(model: Model, zo_cfg):
       fn = lambda p, b: model.loss(p, model_state, b)[0]
     return zo.spsa(fn, params, batch, rng, step=step, eps=zo_cfg.eps,
                    num_samples=zo_cfg.num_samples, one_sided=zo_cfg.one_sided,
-                   microbatches=zo_cfg.microbatches)
+                   microbatches=zo_cfg.microbatches, direction=zo_cfg.direction)
 
   return estimate
 
@@ -48,7 +49,11 @@ class SeedLogged:
     return {"zo_log": self.log.to_json()}
 
   def load_meta(self, meta: dict) -> None:
-    self.log = zo.ZOLog.from_json(meta["zo_log"])
+    log = zo.ZOLog.from_json(meta["zo_log"])
+    if log.direction != self.log.direction:  # one run, one distribution of z
+      raise ConfigError(f"config key 'zo.direction'={self.log.direction!r} differs from the "
+                        f"checkpoint's seed log ({log.direction!r}); resume with that direction")
+    self.log = log
 
   def save_log(self, workdir) -> dict:
     if not distributed.is_primary():  # many processes: process 0 writes the run's files
@@ -65,7 +70,7 @@ class DenseZOEngine(SeedLogged, base.TrainStateEngine):
     self.config, self.model, self.tx = config, model, tx
     self.placed = base.PlacedState(config, model, tx, mesh)
     self.batch_sharding = base.sharding.batch_sharding(mesh)
-    self.log = zo.ZOLog.start(jax.random.key(config.seed))
+    self.log = zo.ZOLog.start(jax.random.key(config.seed), config.zo.direction)
     sh = self.placed.shardings
     rep = self.placed.replicated
     self._estimate = jax.jit(estimate_fn(model, config.zo),

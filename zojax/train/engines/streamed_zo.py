@@ -75,13 +75,13 @@ class StreamedZOEngine(dense_zo.SeedLogged):
           model.block_view(model.init_state(jax.random.key(0))), tx, eps=z.eps,
           num_samples=z.num_samples, one_sided=z.one_sided, microbatches=z.microbatches,
           branch_group=z.branch_group, resident_blocks=z.resident_blocks,
-          memory_kind=z.memory_kind, layout=layout)
+          memory_kind=z.memory_kind, layout=layout, direction=z.direction)
     except ValueError as e:
       raise ConfigError(f"config keys zo.* / mesh.axes do not fit the streamed engine: {e}") from None
     self.key = jax.random.key(config.seed)
     self.params_sharding = NamedSharding(mesh, P())  # where evaluation reads weights
     self.batch_sharding = self.engine.batch_sharding()
-    self.log = zo.ZOLog.start(self.key)
+    self.log = zo.ZOLog.start(self.key, z.direction)
 
   def abstract_state(self) -> stream.StreamState:
     like = self.engine.abstract_state(self.model.param_shapes(), self.key)
