@@ -38,8 +38,15 @@ def is_finite(updates) -> jax.Array:
   """bool []: a ZOGrad's ``finite`` flag, or whether every leaf of a tree is finite."""
   if isinstance(updates, ZOGrad):
     return jnp.asarray(updates.finite, bool)
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(updates)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.ones([], bool)
+  leaves = jax.tree.leaves(updates)
+  if not leaves:
+    return jnp.ones([], bool)
+  # One dot, not a chain of per-leaf `and`s: XLA fused that scalar chain into every consumer
+  # (each `where` below), so compile time grew with leaves squared (iDisc's 249 leaves:
+  # 85 s against 19 s of CPU). Dots are not fused into them; 1 + 0*bad keeps the
+  # simplifier from turning the dot back into the chain.
+  bad = jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.float32) for x in leaves])
+  return jnp.dot(bad, 1.0 + 0.0 * bad) == 0
 
 
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
