@@ -25,6 +25,8 @@ SMALL = attn.BlockSizes(block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32,
 CASES = [
     pytest.param(True, 37, 37, 4, 2, 64, jnp.float32, id="causal-gqa-odd"),
     pytest.param(False, 50, 70, 2, 1, 64, jnp.float32, id="mqa-odd-cross"),
+    # iDisc's ISD: many pixels (queries) attend a few IDRs (keys), fewer than one key block.
+    pytest.param(False, 200, 8, 1, 1, 64, jnp.float32, id="queries-much-longer-than-keys"),
     pytest.param(True, 64, 64, 2, 2, 128, jnp.bfloat16, id="causal-mha-bf16-d128-aligned"),
 ]
 
