@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
   # Process 0 speaks for the run; the others report errors only.
   logging.basicConfig(level=logging.INFO if group.process_id == 0 else logging.ERROR,
                       format="%(asctime)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+  logging.getLogger("absl").setLevel(  # orbax logs every file it writes
+      logging.WARNING if group.process_id == 0 else logging.ERROR)
   try:
     config = config_lib.load(args.config)
     config_lib.override(config, args.overrides)

@@ -31,6 +31,17 @@ from zojax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# Orbax splits the writing of each replicated array among its replicas, slicing it with a
+# jitted function compiled per array shape and sharding: ~100 compiles per save of a small
+# model, costing more than the writes. Only arrays whose slices reach 1 MiB are split.
+_absl = logging.getLogger("absl")
+_level = _absl.level
+_absl.setLevel(logging.ERROR)  # orbax warns that it replaces its default handler: intended
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=2**20),
+    override=True)
+_absl.setLevel(_level)
+
 # Key of the per-array checksums in the JSON record; `restore_latest` takes it out again.
 _CHECKSUMS = "array_hash32"
 _OLD_CHECKSUMS = "array_crc32"  # whole-array crc32s of older checkpoints: not checked

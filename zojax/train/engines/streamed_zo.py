@@ -94,7 +94,8 @@ class StreamedZOEngine(dense_zo.SeedLogged):
     return self.engine.init(self._initial_params(), self.key)
 
   def compile(self, state, batch) -> dict:
-    out = zo.device_bytes(self.engine.compile(state, batch))
+    with jax.set_mesh(self.engine.mesh):  # its own ("pert", "data") mesh, not the loop's
+      out = zo.device_bytes(self.engine.compile(state, batch))
     out["peak_bytes"] = out["device_bytes"]  # the device-memory bound the dense peak compares to
     return out
 
@@ -107,7 +108,8 @@ class StreamedZOEngine(dense_zo.SeedLogged):
     return self.engine.flush(state)
 
   def params(self, state):
-    params = jax.device_put(self.engine.params(state), self.params_sharding)
+    with jax.set_mesh(self.engine.mesh):  # the loop evaluates under its own mesh
+      params = jax.device_put(self.engine.params(state), self.params_sharding)
     return params, {}
 
   def nonfinite(self, state) -> int:
