@@ -210,6 +210,25 @@ def test_two_microbatches_equal_one_double_batch():
   np.testing.assert_allclose(o2.coeffs[1], (lp - plain) / EPS, rtol=1e-3, atol=4e-4)
 
 
+def test_with_metrics_returns_the_plus_branch_of_sample_0_summed_over_microbatches():
+  """What a stateful model (MoE loads) updates from: the head's sums at θ + εz_0, added over
+  micro-batches; sample 1's + branch (a different z) gives other sums (negative control)."""
+  params, batch = _params(), _lm_batch()
+  model = llama.make(CFG)
+  plus = jax.jit(lambda p, b, sample: zo.perturbed_forward(
+      model, p, b, KEY, step=STEP, sample=sample, scales=jnp.array([EPS]))[1])
+  want = jax.device_get(plus(params, batch, 0))
+  _, _, metrics = jax.jit(lambda p, b: zo.spsa(
+      model, p, b, KEY, step=STEP, eps=EPS, num_samples=2, microbatches=2,
+      with_metrics=True))(params, batch)
+  np.testing.assert_allclose(metrics["loss_sum"], want["loss_sum"][0], rtol=1e-5)
+  np.testing.assert_array_equal(metrics["count"], want["count"][0])
+  other = jax.device_get(plus(params, batch, 1))["loss_sum"][0]
+  assert abs(float(other) - float(want["loss_sum"][0])) > 1e-3
+  with pytest.raises(ValueError, match="with_metrics"):
+    zo.spsa(lambda p, b: 0.0, params, batch, KEY, with_metrics=True)
+
+
 def test_non_differentiable_loss_negative_accuracy():
   """A head returning −accuracy (untied embeddings: the head's own leaf is perturbed too)."""
   cfg = dataclasses.replace(CFG, tie_embeddings=False)

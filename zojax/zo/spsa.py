@@ -215,18 +215,24 @@ def _combine(losses, metrics):
   return jnp.mean(losses, axis=0)
 
 
-def _over_microbatches(forward, batch, microbatches: int):
-  """forward(batch) -> (losses [S], metrics); the same over k micro-batches, accumulated."""
+def _over_microbatches(forward, batch, microbatches: int, with_metrics: bool = False):
+  """forward(batch) -> (losses [S], metrics); the same over k micro-batches, accumulated.
+
+  Returns losses [S], or (losses, metric sums added over the micro-batches) `with_metrics`.
+  """
   if microbatches == 1:
-    return forward(batch)[0]
-  losses, metrics = jax.lax.map(forward, _split(batch, microbatches))
-  return _combine(losses, metrics)
+    losses, metrics = forward(batch)
+  else:
+    losses_k, metrics_k = jax.lax.map(forward, _split(batch, microbatches))
+    losses = _combine(losses_k, metrics_k)
+    metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics_k)
+  return (losses, metrics) if with_metrics else losses
 
 
 def _over_samples(fn, num_samples: int):
-  """fn(sample) -> [S] for every sample, sequentially -> [n, S]."""
+  """fn(sample) -> [S] (or a tree) for every sample, sequentially -> [n, S]."""
   if num_samples == 1:
-    return fn(jnp.int32(0))[None]
+    return jax.tree.map(lambda x: x[None], fn(jnp.int32(0)))
   return jax.lax.map(fn, jnp.arange(num_samples, dtype=jnp.int32))
 
 
@@ -236,7 +242,7 @@ def _over_samples(fn, num_samples: int):
 
 def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e-3,
          num_samples: int = 1, one_sided: bool = False, microbatches: int = 1,
-         direction: str = "gaussian"):
+         with_metrics: bool = False, direction: str = "gaussian"):
   """The SPSA gradient estimate at `params` (MeZO Eq. 1, n samples, shared z over micro-batches).
 
   c_i = (L(θ + εz_i) − L(θ − εz_i)) / (2ε)   or, one-sided,   (L(θ + εz_i) − L(θ)) / ε.
@@ -257,13 +263,17 @@ def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e
     num_samples: n >= 1 perturbation directions.
     one_sided: forward differences against the unperturbed loss (n + 1 forwards).
     microbatches: k >= 1 contiguous micro-batches the batch is split into.
+    with_metrics: also return the head's metric sums of the first forward at θ + εz_0
+      (sample 0, the + branch; summed over micro-batches). A `BlockModel` only: this is
+      how a stateful model (MoE router loads) updates its state without an extra forward.
     direction: "gaussian" (z ~ N(0, I), MeZO) or "rademacher" (z uniform on {±1}^d, Spall's
       SPSA; drawn from packed random bits, cheaper). Both give an unbiased estimate for a
       quadratic; per coordinate the variance is |g|² + g_k² (Gaussian) or |g|² − g_k².
 
   Returns:
-    (loss, ZOGrad): loss is the mean over samples of (L+ + L−)/2 (two-sided) or L(θ)
-    (one-sided); ZOGrad.finite is False when any loss or coefficient is not finite.
+    (loss, ZOGrad), or (loss, ZOGrad, metrics) `with_metrics`: loss is the mean over
+    samples of (L+ + L−)/2 (two-sided) or L(θ) (one-sided); ZOGrad.finite is False when any
+    loss or coefficient is not finite.
   """
   _check_eps(eps)
   _check_count("num_samples", num_samples)
@@ -286,13 +296,18 @@ def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e
     def losses_at(sample, scales):
       forward = lambda mb: perturbed_forward(fn, params, mb, kdata, step=step, sample=sample,
                                              scales=scales, direction=direction)
-      return _over_microbatches(forward, batch, microbatches)
+      if not with_metrics:
+        return _over_microbatches(forward, batch, microbatches)
+      losses, metrics = _over_microbatches(forward, batch, microbatches, with_metrics=True)
+      return losses, jax.tree.map(lambda m: m[0], metrics)  # the + branch
 
     def loss_at_params():
       forward = lambda mb: jax.tree.map(lambda x: jnp.asarray(x)[None],
                                         protocol.apply(fn, params, mb))
       return _over_microbatches(forward, batch, microbatches)[0]
   elif callable(fn):
+    if with_metrics:
+      raise ValueError("with_metrics needs fn to be a BlockModel (a loss_fn has no metrics)")
     _check_scalar("loss_fn", jax.eval_shape(fn, params, first))
 
     def losses_at(sample, scales):
@@ -309,18 +324,28 @@ def spsa(fn: protocol.BlockModel | LossFn, params, batch, key, *, step=0, eps=1e
   else:
     raise ValueError(f"fn must be a BlockModel or a loss_fn(params, batch), got {type(fn)}")
 
+  def all_samples(scales):
+    """[n, S] losses, and sample 0's metrics (None without with_metrics)."""
+    out = _over_samples(lambda i: losses_at(i, scales), num_samples)
+    if not with_metrics:
+      return out, None
+    losses, metrics = out
+    return losses, jax.tree.map(lambda m: m[0], metrics)
+
   if one_sided:
     loss0 = loss_at_params().astype(jnp.float32)
-    plus = _over_samples(lambda i: losses_at(i, eps32[None]), num_samples)[:, 0]
+    plus, metrics = all_samples(eps32[None])
+    plus = plus[:, 0]
     coeffs = (plus - loss0) / eps32
     loss, all_losses = loss0, jnp.append(plus, loss0)
   else:
-    both = _over_samples(lambda i: losses_at(i, jnp.stack([eps32, -eps32])), num_samples)
+    both, metrics = all_samples(jnp.stack([eps32, -eps32]))
     coeffs = (both[:, 0] - both[:, 1]) / (2 * eps32)
     loss, all_losses = jnp.mean(both), both
   finite = jnp.all(jnp.isfinite(all_losses)) & jnp.all(jnp.isfinite(coeffs))
-  return loss, ZOGrad(key=kdata, step=step, coeffs=coeffs.astype(jnp.float32), finite=finite,
-                      direction=direction)
+  zograd = ZOGrad(key=kdata, step=step, coeffs=coeffs.astype(jnp.float32), finite=finite,
+                  direction=direction)
+  return (loss, zograd, metrics) if with_metrics else (loss, zograd)
 
 
 def group_estimate(zograd: ZOGrad, layer, like, *, dtype=None, constrain=None):

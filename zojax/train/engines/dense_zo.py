@@ -8,9 +8,10 @@ The step is two compiled programs, the estimate and the update (`zojax.zo.make_a
 that `zojax.zo.replay` can rerun the very same compiled update and rebuild the weights bit
 for bit from the seed log, which is kept with every checkpoint.
 
-Model state: ZO has no training forward at θ, so for a model whose state is updated after
-each step (`Model.update_state`) the engine runs one extra unperturbed forward to get its
-aux: three forwards a step instead of two, for stateful models only.
+Model state: ZO has no training forward at θ. A stateful model with a block view (MoE router
+loads) updates its state from the head's metric sums of the first perturbed forward, at
+θ + εz_0 (`spsa(with_metrics=True)`): no extra forward. One without a block view (a Flax
+model with BatchNorm) gets one extra unperturbed forward for its aux: three forwards a step.
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ from zojax.train import distributed, memory
 from zojax.train.engines import base
 
 
+def aux_from_branch(model: Model) -> bool:
+  """Whether the estimate also returns the + branch's metrics as the model's aux."""
+  return model.block_view is not None and model.update_state is not None
+
+
 def estimate_fn(model: Model, zo_cfg):
-  """The pure SPSA estimate ``(params, model_state, batch, rng, step) -> (loss, ZOGrad)``."""
+  """The pure SPSA estimate ``(params, model_state, batch, rng, step) -> (loss, ZOGrad)``.
+
+  For `aux_from_branch` models it returns (loss, ZOGrad, metric sums at θ + εz_0).
+  """
+  with_metrics = aux_from_branch(model)
 
   def estimate(params, model_state, batch, rng, step):
     if model.block_view is not None:
@@ -35,7 +45,8 @@ def estimate_fn(model: Model, zo_cfg):
       fn = lambda p, b: model.loss(p, model_state, b)[0]
     return zo.spsa(fn, params, batch, rng, step=step, eps=zo_cfg.eps,
                    num_samples=zo_cfg.num_samples, one_sided=zo_cfg.one_sided,
-                   microbatches=zo_cfg.microbatches, direction=zo_cfg.direction)
+                   microbatches=zo_cfg.microbatches, with_metrics=with_metrics,
+                   direction=zo_cfg.direction)
 
   return estimate
 
@@ -77,12 +88,17 @@ class DenseZOEngine(SeedLogged, base.TrainStateEngine):
                              in_shardings=(sh.params, sh.model_state, self.batch_sharding, rep,
                                            rep))
     self._apply = zo.make_apply(tx, donate=True)
-    self._model_state = None
-    if model.update_state is not None:
-      def new_model_state(params, model_state, batch, step, ok):
+    self._model_state = self._step_metrics = None
+    if aux_from_branch(model):
+      def from_branch(model_state, aux, step, ok):
+        new = base.step_model_state(model, model_state, aux, step, ok)
+        return new, base.model_step_metrics(model, aux, new)
+      self._model_state = jax.jit(from_branch, donate_argnums=0)
+    elif model.update_state is not None:
+      def extra_forward(params, model_state, batch, step, ok):
         aux = model.loss(params, model_state, batch)[2]
-        return base.step_model_state(model, model_state, aux, step, ok)
-      self._model_state = jax.jit(new_model_state, donate_argnums=1)
+        return base.step_model_state(model, model_state, aux, step, ok), {}
+      self._model_state = jax.jit(extra_forward, donate_argnums=1)
 
   def compile(self, state, batch) -> dict:
     """Compiles the estimate; memory of the estimate and the update (run one after another)."""
@@ -98,16 +114,19 @@ class DenseZOEngine(SeedLogged, base.TrainStateEngine):
     return out
 
   def step(self, state: base.TrainState, batch):
-    loss, zograd = self._estimate(state.params, state.model_state, batch, state.rng, state.step)
-    model_state = state.model_state
-    if self._model_state is not None:
-      model_state = self._model_state(state.params, model_state, batch, state.step,
-                                      zograd.finite)
+    loss, zograd, *aux = self._estimate(state.params, state.model_state, batch, state.rng,
+                                        state.step)
+    model_state, extra = state.model_state, {}
+    if aux:
+      model_state, extra = self._model_state(model_state, aux[0], state.step, zograd.finite)
+    elif self._model_state is not None:
+      model_state, extra = self._model_state(state.params, model_state, batch, state.step,
+                                             zograd.finite)
     params, opt_state = self._apply(state.params, state.opt_state, zograd)
     self.log.append(zograd)
     state = base.TrainState(step=state.step + 1, params=params, model_state=model_state,
                             opt_state=opt_state, rng=state.rng)
-    return state, zo_outputs(loss, zograd)
+    return state, {**zo_outputs(loss, zograd), **extra}
 
   def results(self, state, workdir) -> dict:
     out = self.save_log(workdir)
