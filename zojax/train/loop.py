@@ -148,7 +148,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   t0, timed_steps = None, 0
   try:
     for step in range(start, last):
-      state, out = engine.step(state, batch_at(step))
+      with jax.set_mesh(mesh):  # as at compile: a different context would compile again
+        state, out = engine.step(state, batch_at(step))
       done = step + 1
       if done % t.log_every == 0 or done % SYNC_EVERY == 0 or done == last:
         out = distributed.fetch(out)
