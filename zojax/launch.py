@@ -50,8 +50,9 @@ def child_env(devices_per_process: int, base: dict | None = None) -> dict:
 # Known noise: gloo prints a line per device it connects (for every collective group), and
 # the coordination service warns that recoverable mode drops its shutdown barrier (zojax
 # `distributed.finish` keeps one).
-_NOISE = re.compile(rb"^(\[Gloo\] Rank \d+ is connected to \d+ peer ranks"
-                    rb"|W\d{4} .*Using experimental recoverable task feature)")
+# gloo's threads write unsynchronized, so its lines may come interleaved: match the pieces.
+_NOISE = re.compile(rb"\[Gloo\] Rank |is connected to \d+ peer ranks"
+                    rb"|^W\d{4} .*Using experimental recoverable task feature")
 
 
 def _pump(stream, out, prefix: bytes, lock: threading.Lock) -> None:
@@ -60,7 +61,7 @@ def _pump(stream, out, prefix: bytes, lock: threading.Lock) -> None:
   while chunk := stream.read1(65536):
     pending += chunk
     *done, pending = re.split(rb"(?<=[\r\n])", pending)
-    done = [piece for piece in done if piece and not _NOISE.match(piece)]
+    done = [piece for piece in done if piece and not _NOISE.search(piece)]
     if done:
       with lock:
         out.write(b"".join(prefix + piece for piece in done))

@@ -204,6 +204,9 @@ def finish() -> None:
   client = _client()
   client.wait_at_barrier("zojax/finished", _FINISH_TIMEOUT_MS)
   _watchdog.stop()
+  # Joined, not left to die: a daemon thread inside the client's C++ call at interpreter
+  # exit is unwound by force and aborts the process ("FATAL: exception not rethrown").
+  _watchdog.join(timeout=2 * _POLL_MS / 1000 + 5)
   _watchdog = None
   if is_primary():  # the coordination service lives here: leave it up until all have gone
     deadline = time.monotonic() + 30
