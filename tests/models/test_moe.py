@@ -196,3 +196,24 @@ def test_trains_through_the_loop_with_other_optimizers(opt, tmp_path):
   first, last = np.asarray(records[0]["train/moe/bias"]), np.asarray(records[-1]["train/moe/bias"])
   assert np.abs(first).max() > 0 and not np.array_equal(first, last)
   assert np.isfinite(results["final_eval"]["validation/max_vio_global"])
+
+
+def test_streamed_engine_carries_the_bias_like_the_dense_engine(tiny):
+  """ZO2 streaming with model state: the first step's loss and new bias equal the dense
+  estimate's (same z, same + branch loads); the bias lives in the stream state."""
+  from zojax import optim, zo
+  from zojax.zo import stream
+  config, model, params, state = tiny
+  batch = _batch(5)
+  loss, zograd, aux = jax.jit(lambda p, s, b: zo.spsa(
+      model.block_view(s), p, b, jax.random.key(7), step=0, eps=1e-3,
+      with_metrics=True))(params, state, batch)
+  want_bias = moe_lib.update_bias(state["bias"], aux["moe_loads"], 0, config.balance)
+  engine = stream.StreamEngine(model.block_view(state), optim.zo_sgd(1e-4), eps=1e-3,
+                               block_view=model.block_view, update_state=model.update_state)
+  s0 = engine.init(params, jax.random.key(7), state)
+  s1, out = engine.step(s0, batch)
+  np.testing.assert_array_equal(np.asarray(out["loss"]), np.asarray(loss))
+  np.testing.assert_array_equal(np.asarray(out["zograd"].coeffs), np.asarray(zograd.coeffs))
+  np.testing.assert_array_equal(np.asarray(s1.model_state["bias"]), np.asarray(want_bias))
+  assert not np.array_equal(np.asarray(want_bias), np.asarray(state["bias"]))

@@ -131,6 +131,11 @@ class StreamConfig:
     memory_kind: where the other blocks rest: "pinned_host" or "unpinned_host".
     layout: the mesh and slicing (`zojax.zo.parallel.make_layout`); None: one device.
     direction: the distribution of z, "gaussian" or "rademacher" (`zojax.zo.spsa`).
+    block_view: for a model with state (`zojax.models.Model`): ``model_state -> BlockModel``;
+      the step runs ``block_view(state.model_state)`` instead of `model`.
+    update_state: ``(model_state, aux, step) -> model_state`` after each step, where aux is
+      the head's metric sums at θ + εz_0 (sample 0's + branch, summed over the chunks) as
+      in the dense engine; a non-finite step keeps the state.
   """
 
   model: protocol.BlockModel
@@ -144,6 +149,8 @@ class StreamConfig:
   memory_kind: str = "pinned_host"
   layout: Layout | None = None
   direction: str = "gaussian"
+  block_view: Any = None
+  update_state: Any = None
 
   def __post_init__(self):
     if not isinstance(self.update, zo_optim.ZOOptimizer):
@@ -172,6 +179,10 @@ class StreamConfig:
   @property
   def mesh(self) -> Mesh:
     return self.layout.mesh
+
+  def model_at(self, model_state) -> protocol.BlockModel:
+    """The block view the step runs: `model`, or `block_view(model_state)` with state."""
+    return self.model if self.block_view is None else self.block_view(model_state)
 
   @property
   def num_branches(self) -> int:
@@ -280,6 +291,7 @@ class StreamState(NamedTuple):
   pending: ZOGrad        # the last step's estimate, not yet applied to the blocks
   has_pending: jax.Array  # bool []
   skipped: jax.Array     # int32 []: steps whose estimate was not finite (counted at once)
+  model_state: Any = {}  # the model's non-trainable state ({} without), on device
 
 
 def state_shardings(cfg: StreamConfig, state_like: StreamState) -> StreamState:
@@ -292,7 +304,7 @@ def state_shardings(cfg: StreamConfig, state_like: StreamState) -> StreamState:
       outer_opt=replicated(state_like.outer_opt), resident=replicated(state_like.resident),
       resident_opt=replicated(state_like.resident_opt), blocks=host(state_like.blocks),
       blocks_opt=host(state_like.blocks_opt), pending=replicated(state_like.pending),
-      has_pending=rep, skipped=rep)
+      has_pending=rep, skipped=rep, model_state=replicated(state_like.model_state))
 
 
 def batch_sharding(cfg: StreamConfig, batch_like=None):
@@ -301,13 +313,14 @@ def batch_sharding(cfg: StreamConfig, batch_like=None):
   return sh if batch_like is None else jax.tree.map(lambda _: sh, batch_like)
 
 
-def init(cfg: StreamConfig, params, key) -> StreamState:
+def init(cfg: StreamConfig, params, key, model_state=None) -> StreamState:
   """The initial state (unplaced; `StreamEngine.init` places it).
 
   Args:
     cfg: the config.
     params: a block-protocol tree {"embed", "blocks", "head"}.
     key: the run's base key (typed or raw data).
+    model_state: the model's initial state (with `StreamConfig.block_view`), else None.
   """
   if not perturb.is_block_tree(params):
     raise ValueError("params must be a block-protocol tree {'embed', 'blocks', 'head'}")
@@ -328,7 +341,8 @@ def init(cfg: StreamConfig, params, key) -> StreamState:
       pending=ZOGrad(key=kdata, step=jnp.zeros([], jnp.int32),
                      coeffs=jnp.zeros([cfg.num_samples], jnp.float32),
                      finite=jnp.ones([], bool), direction=cfg.direction),
-      has_pending=jnp.zeros([], bool), skipped=jnp.zeros([], jnp.int32))
+      has_pending=jnp.zeros([], bool), skipped=jnp.zeros([], jnp.int32),
+      model_state={} if model_state is None else model_state)
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,41 +406,45 @@ def _outer_tree(outer):
   return {**outer, "blocks": {}}
 
 
-def _embed(cfg: StreamConfig, outer, batch_C, skeys, scales):
-  def local(outer, batch_C, skeys, scales):
+def _embed(cfg: StreamConfig, mstate, outer, batch_C, skeys, scales):
+  def local(mstate, outer, batch_C, skeys, scales):
     def fn(group, chunk, _):
       skey, sc = group
-      return embed_branches(cfg.model, _outer_tree(outer), chunk, perturb.wrap_key(skey), sc,
-                            direction=cfg.direction)
+      return embed_branches(cfg.model_at(mstate), _outer_tree(outer), chunk,
+                            perturb.wrap_key(skey), sc, direction=cfg.direction)
     return _map_units(fn, (skeys, scales), batch_C, None)
-  return _shard_map(cfg, local, (P(), P(DATA), P(PERT), P(PERT)), P(PERT, DATA))(
-      outer, batch_C, skeys, scales)
+  return _shard_map(cfg, local, (P(), P(), P(DATA), P(PERT), P(PERT)), P(PERT, DATA))(
+      mstate, outer, batch_C, skeys, scales)
 
 
-def _head(cfg: StreamConfig, outer, acts, batch_C, skeys, scales):
-  def local(outer, acts, batch_C, skeys, scales):
+def _head(cfg: StreamConfig, mstate, outer, acts, batch_C, skeys, scales):
+  def local(mstate, outer, acts, batch_C, skeys, scales):
     def fn(group, chunk, carry):
       skey, sc = group
-      losses, metrics = head_branches(cfg.model, _outer_tree(outer), carry, chunk,
+      losses, metrics = head_branches(cfg.model_at(mstate), _outer_tree(outer), carry, chunk,
                                       perturb.wrap_key(skey), sc, direction=cfg.direction)
+      out = {"loss": losses}
       if isinstance(metrics, dict) and "loss_sum" in metrics and "count" in metrics:
-        return {"loss": losses, "loss_sum": metrics["loss_sum"], "count": metrics["count"]}
-      return {"loss": losses}
+        out.update(loss_sum=metrics["loss_sum"], count=metrics["count"])
+      if cfg.update_state is not None:  # the model state's aux: every metric sum
+        out["metrics"] = metrics
+      return out
     out = _map_units(fn, (skeys, scales), batch_C, acts)
     # Only these scalars cross devices: every device gets every unit's losses.
     out = jax.lax.all_gather(out, PERT, axis=0, tiled=True)
     return jax.lax.all_gather(out, DATA, axis=1, tiled=True)
   # all_gather's result is the same on every device, but shard_map's replication check
   # cannot infer that; hence check_vma=False here only.
-  return _shard_map(cfg, local, (P(), P(PERT, DATA), P(DATA), P(PERT), P(PERT)), P(),
-                    check_vma=False)(outer, acts, batch_C, skeys, scales)
+  return _shard_map(cfg, local, (P(), P(), P(PERT, DATA), P(DATA), P(PERT), P(PERT)), P(),
+                    check_vma=False)(mstate, outer, acts, batch_C, skeys, scales)
 
 
-def _block_forward(cfg: StreamConfig, block, layer, acts, skeys, scales, *, sliced: bool):
+def _block_forward(cfg: StreamConfig, mstate, block, layer, acts, skeys, scales, *,
+                   sliced: bool):
   specs = _streamed_specs(cfg, block, stacked=False) if sliced else \
       jax.tree.map(lambda _: P(), block)
 
-  def local(block, layer, acts, skeys, scales):
+  def local(mstate, block, layer, acts, skeys, scales):
     if sliced:  # DistZO2: each device moved 1/N of the block; gather it on device
       block = jax.tree.map(
           lambda a, s: a if s == P() else jax.lax.all_gather(
@@ -435,13 +453,13 @@ def _block_forward(cfg: StreamConfig, block, layer, acts, skeys, scales, *, slic
 
     def fn(group, _, carry):
       skey, sc = group
-      return block_branches(cfg.model, block, layer, carry, perturb.wrap_key(skey), sc,
-                            direction=cfg.direction)
+      return block_branches(cfg.model_at(mstate), block, layer, carry, perturb.wrap_key(skey),
+                            sc, direction=cfg.direction)
     chunks = jax.tree.leaves(acts)[0].shape[1]
     return _map_units(fn, (skeys, scales), jnp.zeros([chunks]), acts)
 
-  return _shard_map(cfg, local, (specs, P(), P(PERT, DATA), P(PERT), P(PERT)),
-                    P(PERT, DATA))(block, layer, acts, skeys, scales)
+  return _shard_map(cfg, local, (P(), specs, P(), P(PERT, DATA), P(PERT), P(PERT)),
+                    P(PERT, DATA))(mstate, block, layer, acts, skeys, scales)
 
 
 # ---------------------------------------------------------------------------------------
@@ -494,7 +512,8 @@ def _visit_blocks(cfg: StreamConfig, state, acts, skeys, scales, *, forward: boo
     block, opt = _update_block(cfg, state, _index(resident, l), _index(resident_opt, l), l,
                                sliced=False)
     if forward:
-      acts = _block_forward(cfg, block, l, acts, skeys, scales, sliced=False)
+      acts = _block_forward(cfg, state.model_state, block, l, acts, skeys, scales,
+                            sliced=False)
     return (_set(resident, block, l), _set(resident_opt, opt, l), acts), None
 
   resident, resident_opt = state.resident, state.resident_opt
@@ -521,7 +540,8 @@ def _visit_blocks(cfg: StreamConfig, state, acts, skeys, scales, *, forward: boo
       next_opt = fetch(host_opt, nxt, dev_opt)
       block, opt = _update_block(cfg, state, block, opt, r + l, sliced=sliced)
       if forward:
-        acts = _block_forward(cfg, block, r + l, acts, skeys, scales, sliced=sliced)
+        acts = _block_forward(cfg, state.model_state, block, r + l, acts, skeys, scales,
+                              sliced=sliced)
       out = (jax.device_put(block, host_kind), jax.device_put(opt, host_opt_kind))
       return (next_block, next_opt, acts), out
 
@@ -575,10 +595,10 @@ def estimate_step(cfg: StreamConfig, state: StreamState, batch):
   batch_C = jax.lax.with_sharding_constraint(batch_C, batch_sharding(cfg, batch_C))
 
   skeys, scales = _units(cfg, state.step, state.key)
-  acts = _embed(cfg, state.outer, batch_C, skeys, scales)
+  acts = _embed(cfg, state.model_state, state.outer, batch_C, skeys, scales)
   resident, resident_opt, blocks, blocks_opt, acts = _visit_blocks(
       cfg, state, acts, skeys, scales, forward=True)
-  out = _head(cfg, state.outer, acts, batch_C, skeys, scales)
+  out = _head(cfg, state.model_state, state.outer, acts, batch_C, skeys, scales)
 
   plus, other, all_losses = _losses(cfg, out)
   eps = jnp.asarray(cfg.eps, jnp.float32)
@@ -589,11 +609,20 @@ def estimate_step(cfg: StreamConfig, state: StreamState, batch):
   finite = jnp.all(jnp.isfinite(all_losses)) & jnp.all(jnp.isfinite(coeffs))
   zograd = ZOGrad(key=state.key, step=state.step, coeffs=coeffs.astype(jnp.float32),
                   finite=finite, direction=cfg.direction)
+  result = {"loss": loss, "zograd": zograd}
+  model_state = state.model_state
+  if cfg.update_state is not None:
+    # Unit 0, branch 0 is sample 0's +ε branch for every branch grouping (see `_units`).
+    aux = jax.tree.map(lambda m: jnp.sum(m[0, :, 0], axis=0), out["metrics"])
+    new = cfg.update_state(model_state, aux, state.step)
+    model_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype), new,
+                               model_state)
+    result["aux"] = aux
   new_state = state._replace(
       step=state.step + 1, resident=resident, resident_opt=resident_opt, blocks=blocks,
       blocks_opt=blocks_opt, pending=zograd, has_pending=jnp.ones([], bool),
-      skipped=state.skipped + (~finite).astype(jnp.int32))
-  return new_state, {"loss": loss, "zograd": zograd}
+      skipped=state.skipped + (~finite).astype(jnp.int32), model_state=model_state)
+  return new_state, result
 
 
 def update_outer(cfg: StreamConfig, outer, outer_opt, zograd: ZOGrad):
@@ -680,13 +709,14 @@ class StreamEngine:
     """Batches are split over "data" on their leading axis."""
     return batch_sharding(self.config, batch_like)
 
-  def abstract_state(self, params_like, key) -> StreamState:
-    return jax.eval_shape(functools.partial(init, self.config), params_like, key)
+  def abstract_state(self, params_like, key, model_state=None) -> StreamState:
+    return jax.eval_shape(functools.partial(init, self.config), params_like, key, model_state)
 
-  def init(self, params, key) -> StreamState:
+  def init(self, params, key, model_state=None) -> StreamState:
     """The initial state, placed: streamed blocks and their state in host memory."""
-    shardings = self.state_shardings(self.abstract_state(params, key))
-    return jax.jit(functools.partial(init, self.config), out_shardings=shardings)(params, key)
+    shardings = self.state_shardings(self.abstract_state(params, key, model_state))
+    return jax.jit(functools.partial(init, self.config), out_shardings=shardings)(
+        params, key, model_state)
 
   def step(self, state: StreamState, batch):
     """`step` (donates `state`'s device part): two compiled programs, see `step`."""

@@ -2,8 +2,9 @@
 
 Block weights and their optimizer state rest in host memory (``zo.memory_kind``; the first
 ``zo.resident_blocks`` stay on device) and visit the device one block at a time inside the
-step. Needs the model's block view; a model without one, or with model state, is refused in
-one line.
+step. Needs the model's block view; a model without one is refused in one line. Model state
+(MoE router biases) stays on device and is updated inside the step from the first perturbed
+forward's metric sums, as in the dense engine.
 
   * **optimizer**: the same ZO optimizer the dense engine uses (`zojax.optim.zo_sgd` /
     `zo_adam` / `zo_sign` from `zojax.train.optimizer.build`), applied one layer at a time.
@@ -47,9 +48,6 @@ def check_model(model: Model) -> None:
     raise ConfigError(f"config key 'zo.engine'='stream' needs a model with a block view "
                       f"(embed / stacked blocks / head); model {model.name!r} has none: use "
                       "zo.engine='dense'")
-  if model.has_state:
-    raise ConfigError(f"config key 'zo.engine'='stream' does not carry model state yet; model "
-                      f"{model.name!r} has some: use zo.engine='dense'")
 
 
 class StreamedZOEngine(dense_zo.SeedLogged):
@@ -70,9 +68,12 @@ class StreamedZOEngine(dense_zo.SeedLogged):
     # The unit decomposition (micro-batches, branch grouping) comes from the config, never
     # from the mesh, so the same config takes the same trajectory on any mesh.
     layout = parallel.make_layout(1, mesh.shape.get("data", 1), devices=mesh.devices.flat)
+    stateful = {}
+    if model.has_state:
+      stateful = dict(block_view=model.block_view, update_state=model.update_state)
     try:
       self.engine = stream.StreamEngine(
-          model.block_view(model.init_state(jax.random.key(0))), tx, eps=z.eps,
+          model.block_view(model.init_state(jax.random.key(0))), tx, **stateful, eps=z.eps,
           num_samples=z.num_samples, one_sided=z.one_sided, microbatches=z.microbatches,
           branch_group=z.branch_group, resident_blocks=z.resident_blocks,
           memory_kind=z.memory_kind, layout=layout, direction=z.direction)
@@ -84,14 +85,21 @@ class StreamedZOEngine(dense_zo.SeedLogged):
     self.log = zo.ZOLog.start(self.key, z.direction)
 
   def abstract_state(self) -> stream.StreamState:
-    like = self.engine.abstract_state(self.model.param_shapes(), self.key)
+    like = self.engine.abstract_state(self.model.param_shapes(), self.key,
+                                      self._model_state_shapes())
     return checkpoint.abstract(like, self.engine.state_shardings(like))
+
+  def _model_state_shapes(self):
+    return self.model.state_shapes(jax.random.key(self.config.seed)) if self.model.has_state \
+        else None
 
   def _initial_params(self):
     return base.initial_params(self.config, self.model, self.params_sharding)
 
   def init(self) -> stream.StreamState:
-    return self.engine.init(self._initial_params(), self.key)
+    model_state = (self.model.init_state(jax.random.key(self.config.seed))
+                   if self.model.has_state else None)
+    return self.engine.init(self._initial_params(), self.key, model_state)
 
   def compile(self, state, batch) -> dict:
     with jax.set_mesh(self.engine.mesh):  # its own ("pert", "data") mesh, not the loop's
@@ -103,7 +111,9 @@ class StreamedZOEngine(dense_zo.SeedLogged):
     with jax.set_mesh(self.engine.mesh):  # as in `compile`, so that it compiles once
       state, out = self.engine.step(state, batch)
     self.log.append(out["zograd"])
-    return state, dense_zo.zo_outputs(out["loss"], out["zograd"])
+    extra = base.model_step_metrics(self.model, out["aux"], state.model_state) \
+        if "aux" in out else {}
+    return state, {**dense_zo.zo_outputs(out["loss"], out["zograd"]), **extra}
 
   def finalize(self, state):
     return self.engine.flush(state)
@@ -111,7 +121,8 @@ class StreamedZOEngine(dense_zo.SeedLogged):
   def params(self, state):
     with jax.set_mesh(self.engine.mesh):  # the loop evaluates under its own mesh
       params = jax.device_put(self.engine.params(state), self.params_sharding)
-    return params, {}
+      model_state = jax.device_put(jax.device_get(state.model_state), self.params_sharding)
+    return params, model_state
 
   def nonfinite(self, state) -> int:
     return int(state.skipped)
