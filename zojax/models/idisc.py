@@ -6,7 +6,7 @@
          AFP: N learnable IDR priors [N, D] ~ N(0, 1), refined by `afp_iters` iterations
               of one shared cross-attention layer (idr += attn(idr, pixels); idr += mlp)
               with TRANSPOSED attention: softmax over the IDR axis for each pixel, +1e-6,
-              then renormalised over the pixels of each IDR (`afp_weights`, paper eq. 2);
+              then renormalised over the pixels of each IDR (`afp_weights`);
          ISD: `isd_layers` layers of pixels (queries) attending the N IDRs (keys, values)
               with an ordinary softmax over the IDRs (`isd_attention`, via
               `zojax.kernels.attention`), then an MLP; head LN -> Linear -> LN -> Linear(1)
@@ -98,7 +98,7 @@ class IDiscSettings:
 
 
 def afp_weights(q_BxNxD, k_BxPxD, eps: float = AFP_EPS):
-  """[B, N, P] transposed attention weights of N IDRs over P pixels (paper eq. 2).
+  """[B, N, P] transposed attention weights of N IDRs over P pixels (the AFP of the paper).
 
   softmax over the IDR axis for each pixel (IDRs compete for pixels), + eps, then each IDR's
   row renormalised over pixels, so an IDR is a weighted mean of the pixels it won.
@@ -373,7 +373,6 @@ class IDisc(nnx.Module):
 
   def __init__(self, s: IDiscSettings, *, rngs: nnx.Rngs):
     check_settings(s)
-    self.settings = s
     self.encoder = Encoder(s.widths, s.blocks, s.groups, rngs=rngs)
     self.decoder = FPN(s.widths, s.pixel_dim, s.groups, rngs=rngs)
     if s.variant == "baseline":
