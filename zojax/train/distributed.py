@@ -159,10 +159,6 @@ def start(args: argparse.Namespace) -> Group:
   return _group
 
 
-def group() -> Group:
-  return _group
-
-
 def is_primary() -> bool:
   """Whether this process writes the run's output (process 0)."""
   return jax.process_index() == 0
