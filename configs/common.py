@@ -39,7 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 0           # 0: the model's own
   c.model.dtype = "float32"        # compute dtype
   c.model.remat = False            # recompute block activations in the backward pass
-  c.model.attention = "xla"        # xla (naive) | blockwise (O(N) memory) | pallas | auto
+  # auto: the Pallas flash kernel on a GPU; on CPU naive (xla) below 1024 keys, blockwise
+  # (O(N) memory) from there (zojax.kernels.attention.default_implementation). Or pick one:
+  # xla | blockwise | pallas.
+  c.model.attention = "auto"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"

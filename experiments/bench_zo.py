@@ -336,7 +336,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
         if name in ("forward", "adamw") and d != DIRECTIONS[0]:
           continue  # the same executable for every direction
         if f"{name}_peak_bytes" in mem:
-          labels.append(name if name in ("forward", "adamw") else f"{name}\n{d[:5]}")
+          labels.append(name if name in ("forward", "adamw") else f"{name[3:]}\n{d[:5]}")
           values.append(_mib(mem[f"{name}_peak_bytes"]))
     ax.bar(labels, values, color="#4c72b0")
     params_bytes = next(iter(by_direction.values()))["params_bytes"]
@@ -355,19 +355,20 @@ def plot(results: dict, path: pathlib.Path) -> None:
   fig.savefig(path, dpi=110)
 
 
-def compile_directions(config, params, batch, *, adamw: bool = True, fused: bool = True):
-  """`compile_steps` for every direction; forward and AdamW (direction-free) compiled once.
+def compile_directions(config, params, batch, *, adamw: bool = True, fused: bool = True,
+                       directions=DIRECTIONS):
+  """`compile_steps` for each direction; forward and AdamW (direction-free) compiled once.
 
   Returns:
     ({direction: Steps}, {direction: compiled by name}, {direction: compile seconds}); every
     direction's compiled dict holds the shared forward (and adamw) too.
   """
   steps, compiled, seconds = {}, {}, {}
-  for i, d in enumerate(DIRECTIONS):
+  for i, d in enumerate(directions):
     steps[d] = make_steps(config, direction=d)
     compiled[d], seconds[d] = compile_steps(steps[d], params, batch, adamw=adamw and i == 0,
                                             fused=fused, forward=i == 0)
-    shared = {k: v for k, v in compiled[DIRECTIONS[0]].items() if k in ("forward", "adamw")}
+    shared = {k: v for k, v in compiled[directions[0]].items() if k in ("forward", "adamw")}
     compiled[d] = {**shared, **compiled[d]}
   return steps, compiled, seconds
 
