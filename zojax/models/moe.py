@@ -43,6 +43,7 @@ from zojax.models import interface, llama, protocol, registry
 
 SCORES = ("sigmoid", "softmax")
 DISPATCH = ("dropless", "capacity", "dense")
+GATES = ("score", "unit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,9 @@ class MoEConfig:
   expert_dim: int
   score: str = "sigmoid"
   normalize_gates: bool = True
+  # "unit": the chosen experts are summed with weight 1 (a dense FFN split into experts,
+  # zojax.models.moefy: all E chosen then equals the dense FFN); "score": gated by scores.
+  gates: str = "score"
   shared_expert: bool = False     # one always-on SwiGLU of width expert_dim
   dispatch: str = "dropless"
   capacity_factor: float = 1.25   # dispatch="capacity" and expert parallelism
@@ -71,6 +75,8 @@ class MoEConfig:
       raise ConfigError(f"config key 'model.expert_dim'={self.expert_dim} must be >= 1")
     if self.score not in SCORES:
       raise ConfigError(f"config key 'model.score'={self.score!r} must be one of {SCORES}")
+    if self.gates not in GATES:
+      raise ConfigError(f"config key 'model.gates'={self.gates!r} must be one of {GATES}")
     if self.dispatch not in DISPATCH:
       raise ConfigError(f"config key 'model.dispatch'={self.dispatch!r} must be one of "
                         f"{DISPATCH}")
@@ -196,25 +202,61 @@ def _ffn(config: MoEConfig, p, h_TxD, routing, mask_T):
                          capacity_factor=config.capacity_factor, weights_T=mask_T)
 
 
-def block(config: MoEConfig, model_state, p, carry):
-  """One layer: attention, then the routed FFN; records this layer's routing statistics."""
-  c = config
-  x, layer, mask_T = carry["x"], carry["layer"], carry["mask"].reshape(-1)
-  x = llama.attention_sublayer(c.base, p, x)
-  B, T, D = x.shape
-  h_TxD = llama.rms_norm(x, p["mlp_norm"], c.base.norm_eps).reshape(B * T, D)
-  scores_TxE = router_scores(c, p, h_TxD)
-  bias_E = model_state["bias"][layer]
-  routing = moe_lib.route(scores_TxE, bias_E, c.top_k, normalize=c.normalize_gates)
-  y_TxD, ffn_stats = _ffn(c, p, h_TxD, routing, mask_T)
-  if c.shared_expert:
+def ffn_input(config: MoEConfig, p, x_BxTxD) -> jax.Array:
+  """h [B·T, D], the post-attention RMSNorm that the router and the experts read.
+
+  Fate's cross-layer gate applies layer l+1's router (`select`) to layer l's h.
+  """
+  B, T, D = x_BxTxD.shape
+  return llama.rms_norm(x_BxTxD, p["mlp_norm"], config.base.norm_eps).reshape(B * T, D)
+
+
+def select(config: MoEConfig, p, bias_E, h_TxD):
+  """One layer's expert choice for normalised states h: (scores [T, E] float32, Routing).
+
+  `bias_E` is that layer's selection bias (model state); it picks the experts, the gates
+  stay the unbiased scores.
+  """
+  scores_TxE = router_scores(config, p, h_TxD)
+  routing = moe_lib.route(scores_TxE, bias_E, config.top_k, normalize=config.normalize_gates)
+  if config.gates == "unit":
+    routing = routing._replace(gates=jnp.ones_like(routing.gates))
+  return scores_TxE, routing
+
+
+def ffn_output(config: MoEConfig, p, h_TxD, routing, mask_T=None):
+  """(y [T, D] in h's dtype, dispatch stats): the chosen experts (+ the shared expert) on h."""
+  y_TxD, ffn_stats = _ffn(config, p, h_TxD, routing, mask_T)
+  if config.shared_expert:
     y_TxD = y_TxD + llama.swiglu(h_TxD, p["shared_gate"], p["shared_up"], p["shared_down"])
-  x = x + y_TxD.reshape(B, T, D).astype(x.dtype)
+  return y_TxD, ffn_stats
+
+
+def ffn_sublayer(config: MoEConfig, model_state, p, x_BxTxD, layer, mask_T):
+  """x + MoE(norm(x)), the second half of a layer, and this layer's routing statistics.
+
+  Args:
+    config, model_state: the model and its state (the bias row `layer` routes).
+    p: one layer's parameters.
+    x_BxTxD: the attention sublayer's output.
+    layer: int32 [] index of this layer.
+    mask_T: [B·T] float32, 1 for tokens that count in the statistics (and in dropped counts).
+
+  Returns:
+    (x_BxTxD, {name: per-layer value} with the `STAT_SHAPES` names).
+  """
+  c = config
+  B, T, D = x_BxTxD.shape
+  h_TxD = ffn_input(c, p, x_BxTxD)
+  bias_E = model_state["bias"][layer]
+  scores_TxE, routing = select(c, p, bias_E, h_TxD)
+  y_TxD, ffn_stats = ffn_output(c, p, h_TxD, routing, mask_T)
+  x = x_BxTxD + y_TxD.reshape(B, T, D).astype(x_BxTxD.dtype)
 
   previous = moe_lib.route(scores_TxE, model_state["prev_bias"][layer], c.top_k).experts
   chosen_TxE = moe_lib.assignment(routing.experts, c.num_experts, mask_T)
   probs_TxE = scores_TxE / jnp.sum(scores_TxE, axis=-1, keepdims=True)
-  new = {
+  stats = {
       "loads": jnp.sum(chosen_TxE, axis=0),  # = moe_lib.loads
       "prob_sum": jnp.sum(mask_T[:, None] * probs_TxE, axis=0),
       "primal": jnp.sum(chosen_TxE * scores_TxE),
@@ -224,6 +266,14 @@ def block(config: MoEConfig, model_state, p, carry):
       "aux": (moe_lib.aux_loss(probs_TxE, routing.experts, c.top_k, mask_T)
               if c.balance.rule == "aux" else jnp.zeros((), jnp.float32)),
   }
+  return x, stats
+
+
+def block(config: MoEConfig, model_state, p, carry):
+  """One layer: attention, then the routed FFN; records this layer's routing statistics."""
+  layer = carry["layer"]
+  x = llama.attention_sublayer(config.base, p, carry["x"])
+  x, new = ffn_sublayer(config, model_state, p, x, layer, carry["mask"].reshape(-1))
   stats = {k: v.at[layer].set(new[k].astype(jnp.float32)) for k, v in carry["stats"].items()}
   return {"x": x, "layer": layer + 1, "mask": carry["mask"], "stats": stats}
 
@@ -319,8 +369,8 @@ def model(config: MoEConfig, *, name: str, remat: bool = False) -> interface.Mod
 
 
 # Config keys (model.*) that override a registered MoE shape, and the balancer's keys.
-MOE_KEYS = ("num_experts", "top_k", "expert_dim", "score", "normalize_gates", "shared_expert",
-            "dispatch", "capacity_factor", "expert_parallel")
+MOE_KEYS = ("num_experts", "top_k", "expert_dim", "score", "normalize_gates", "gates",
+            "shared_expert", "dispatch", "capacity_factor", "expert_parallel")
 BALANCE_KEYS = ("rule", "u", "alpha", "freeze_after", "recenter")
 
 
