@@ -159,12 +159,18 @@ def rms_norm(x, w, eps):
   return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_BxTxHxD, theta: float):
-  """Rotary position embedding, rotate-half convention, positions 0..T-1."""
+def rope(x_BxTxHxD, theta: float, positions_BxT=None):
+  """Rotary position embedding, rotate-half convention.
+
+  `positions_BxT` (int) gives each token's position; the default is 0..T-1 in every row.
+  A KV cache passes the absolute positions of the tokens it appends.
+  """
   T, Dh = x_BxTxHxD.shape[1], x_BxTxHxD.shape[-1]
+  if positions_BxT is None:
+    positions_BxT = jnp.arange(T)[None, :]
   inv_freq = theta ** (-jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh)
-  angles_TxF = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  cos, sin = jnp.cos(angles_TxF)[:, None, :], jnp.sin(angles_TxF)[:, None, :]
+  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  cos, sin = jnp.cos(angles_BxTxF)[:, :, None, :], jnp.sin(angles_BxTxF)[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxHxD.dtype)
@@ -181,8 +187,8 @@ def embed(config: LlamaConfig, params, batch):
   return protocol.take(params["embed"]["tokens"], tokens_BxT).astype(config.dtype)
 
 
-def attention_sublayer(config: LlamaConfig, p, x_BxTxD):
-  """x + attention(norm(x)): the first half of a layer (shared by the MoE decoder)."""
+def _qkv(config: LlamaConfig, p, x_BxTxD, positions_BxT=None):
+  """Queries and keys (rotated to their positions) and values of norm(x)."""
   c = config
   B, T, _ = x_BxTxD.shape
   cast = lambda w: w.astype(x_BxTxD.dtype)
@@ -190,9 +196,58 @@ def attention_sublayer(config: LlamaConfig, p, x_BxTxD):
   q = (h @ cast(p["wq"])).reshape(B, T, c.num_heads, c.head_dim)
   k = (h @ cast(p["wk"])).reshape(B, T, c.num_kv_heads, c.head_dim)
   v = (h @ cast(p["wv"])).reshape(B, T, c.num_kv_heads, c.head_dim)
-  attn = attention_lib.attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v, causal=True,
-                                 implementation=c.attention)
-  return x_BxTxD + attn.reshape(B, T, -1) @ cast(p["wo"])
+  return rope(q, c.rope_theta, positions_BxT), rope(k, c.rope_theta, positions_BxT), v
+
+
+def attention_sublayer(config: LlamaConfig, p, x_BxTxD):
+  """x + attention(norm(x)): the first half of a layer (shared by the MoE decoder)."""
+  B, T, _ = x_BxTxD.shape
+  q, k, v = _qkv(config, p, x_BxTxD)
+  attn = attention_lib.attention(q, k, v, causal=True, implementation=config.attention)
+  return x_BxTxD + attn.reshape(B, T, -1) @ p["wo"].astype(x_BxTxD.dtype)
+
+
+def cached_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxT):
+  """Grouped-query attention of queries at `positions` over a cache whose slot s holds
+  position s: query (b, t) sees slots 0..positions[b, t]. Scores and softmax in float32."""
+  B, T, H, D = q_BxTxHxD.shape
+  S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+  q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                      preferred_element_type=jnp.float32) / math.sqrt(D)
+  visible_BxTxS = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
+  scores = jnp.where(visible_BxTxS[:, None, None], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD).reshape(B, T, H, D)
+
+
+def attention_sublayer_cached(config: LlamaConfig, p, x_BxTxD, cache_k_BxSxKxD,
+                              cache_v_BxSxKxD, positions_BxT):
+  """`attention_sublayer` for tokens appended to one layer's KV cache.
+
+  Writes the tokens' keys and values into slots `positions_BxT` (each row its own
+  positions; slot s holds position s) and attends over the slots up to each token's
+  position, so the cache must already hold positions 0 .. first position - 1 of each row.
+  Slots past a row's position are never read (a padded prompt's filler is overwritten as
+  that row decodes).
+
+  Args:
+    config: the decoder's shapes.
+    p: one layer's parameters.
+    x_BxTxD: the residual stream of the new tokens.
+    cache_k_BxSxKxD, cache_v_BxSxKxD: this layer's cache, S slots.
+    positions_BxT: int32 absolute positions of the new tokens, < S.
+
+  Returns:
+    (x + attention, cache_k, cache_v) with the new keys and values written.
+  """
+  B, T, _ = x_BxTxD.shape
+  q, k, v = _qkv(config, p, x_BxTxD, positions_BxT)
+  slots = (jnp.arange(B)[:, None], positions_BxT)
+  cache_k = cache_k_BxSxKxD.at[slots].set(k.astype(cache_k_BxSxKxD.dtype))
+  cache_v = cache_v_BxSxKxD.at[slots].set(v.astype(cache_v_BxSxKxD.dtype))
+  attn = cached_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), positions_BxT)
+  return x_BxTxD + attn.reshape(B, T, -1) @ p["wo"].astype(x_BxTxD.dtype), cache_k, cache_v
 
 
 def swiglu(h, w_gate, w_up, w_down):
@@ -201,11 +256,15 @@ def swiglu(h, w_gate, w_up, w_down):
   return (jax.nn.silu(h @ cast(w_gate)) * (h @ cast(w_up))) @ cast(w_down)
 
 
-def block(config: LlamaConfig, p, x_BxTxD):
-  """One pre-norm decoder layer; `p` holds one layer's parameters (no layer axis)."""
-  x_BxTxD = attention_sublayer(config, p, x_BxTxD)
+def ffn_sublayer(config: LlamaConfig, p, x_BxTxD):
+  """x + SwiGLU(norm(x)): the second half of a layer."""
   h = rms_norm(x_BxTxD, p["mlp_norm"], config.norm_eps)
   return x_BxTxD + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+
+
+def block(config: LlamaConfig, p, x_BxTxD):
+  """One pre-norm decoder layer; `p` holds one layer's parameters (no layer axis)."""
+  return ffn_sublayer(config, p, attention_sublayer(config, p, x_BxTxD))
 
 
 def _unembed(config: LlamaConfig, params):
@@ -335,10 +394,14 @@ def final_hidden(config: LlamaConfig, params, tokens_BxT):
   return rms_norm(x, params["head"]["final_norm"], config.norm_eps)
 
 
+def project_logits(config: LlamaConfig, params, h_BxTxD):
+  """Next-token logits [B, T, V] float32 of final-normed hidden states."""
+  return (h_BxTxD @ _unembed(config, params).astype(h_BxTxD.dtype)).astype(jnp.float32)
+
+
 def forward_logits(config: LlamaConfig, params, tokens_BxT):
   """Full next-token logits [B, T, V] (for generation and tests; training uses `head`)."""
-  h = final_hidden(config, params, tokens_BxT)
-  return (h @ _unembed(config, params).astype(h.dtype)).astype(jnp.float32)
+  return project_logits(config, params, final_hidden(config, params, tokens_BxT))
 
 
 def greedy_generate(config: LlamaConfig, params, prompt_ids, num_tokens: int) -> list[int]:
