@@ -16,6 +16,7 @@ continuation only. Bad input is one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import pathlib
 import sys
@@ -95,9 +96,32 @@ def codec(task_cfg) -> Codec:
                     "(corpus, sentiment or markov)")
 
 
-def _diff(a: dict, b: dict, prefix: str) -> list[str]:
-  keys = sorted(set(a) | set(b))
-  return [f"{prefix}{k}" for k in keys if a.get(k) != b.get(k)]
+# Config keys a checkpoint's run may have set otherwise without changing what it computes
+# here: weights come from the checkpoint, generation runs its own dispatch and attention.
+NOT_COMPARED = ("model.init", "model.attention", "model.remat", "model.balance",
+                "model.dispatch", "model.capacity_factor", "model.expert_parallel",
+                "task.eval_limit", "task.eval_splits")
+
+
+def _changed(stored: dict, current: dict) -> list[str]:
+  """The model.* and task.* keys whose values differ (except `NOT_COMPARED`)."""
+  out = []
+  for block in ("model", "task"):
+    a, b = stored.get(block, {}), current.get(block, {})
+    out += [f"{block}.{k}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and f"{block}.{k}" not in NOT_COMPARED]
+  return out
+
+
+def _run_config(mngr) -> dict:
+  """The config saved with the newest checkpoint ({} if unreadable: the restore says why)."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  meta_dir = pathlib.Path(mngr.directory) / str(mngr.latest_step()) / "meta"
+  try:
+    meta = ocp.JsonCheckpointHandler().restore(meta_dir, args=ocp.args.JsonRestore())
+  except Exception:  # noqa: BLE001  (any unreadable record)
+    return {}
+  return dict(meta).get("config", {})
 
 
 def load_weights(config, model, workdir: str | None):
@@ -114,18 +138,15 @@ def load_weights(config, model, workdir: str | None):
   if not directory.is_dir():
     raise ConfigError(f"--workdir {workdir}: no checkpoints directory (train it first: "
                       "python -m zojax.run)")
-  engine = engines.build(config, model, distributed.make_mesh(config.mesh.axes))
   mngr = checkpoint.manager(directory, keep=1)
-  restored = checkpoint.restore_latest(mngr, engine.abstract_state())
-  if restored is None:
+  if mngr.latest_step() is None:
     raise ConfigError(f"--workdir {workdir}: no checkpoint in {directory}")
-  step, state, meta = restored
-  stored = meta.get("config", {})
-  changed = (_diff(stored.get("model", {}), config.model.to_dict(), "model.") +
-             _diff(stored.get("task", {}), config.task.to_dict(), "task."))
+  changed = _changed(_run_config(mngr), json.loads(config.to_json()))
   if changed:
     raise ConfigError(f"--workdir {workdir} was trained with another model/task config (keys "
                       f"{', '.join(changed)}); pass the run's --config")
+  engine = engines.build(config, model, distributed.make_mesh(config.mesh.axes))
+  step, state, _ = checkpoint.restore_latest(mngr, engine.abstract_state())
   logging.getLogger(__name__).info("loaded step %d of %s", step, workdir)
   params, model_state = engine.params(state)
   return jax.device_get(params), jax.device_get(model_state)

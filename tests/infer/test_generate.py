@@ -207,3 +207,14 @@ def test_cli_bad_input_is_one_line(argv, match, capsys):
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_cli_compares_the_run_config_except_keys_that_do_not_change_generation():
+  stored = {"model": {"name": "moe-small", "attention": "xla", "balance": {"u": 0.01}},
+            "task": {"name": "corpus", "vocab_limit": 4096, "eval_limit": 128}}
+  same = {"model": {"name": "moe-small", "attention": "auto", "balance": {"u": 0.001}},
+          "task": {"name": "corpus", "vocab_limit": 4096, "eval_limit": 8}}
+  assert cli._changed(stored, same) == []
+  other = {"model": {**same["model"], "name": "moe-small-dense"},
+           "task": {**same["task"], "vocab_limit": 0}}
+  assert cli._changed(stored, other) == ["model.name", "task.vocab_limit"]
