@@ -19,7 +19,7 @@ E = 8
 def dense():
   params = llama.init(BASE, jax.random.key(0))
   w_gate = np.asarray(params["blocks"]["w_gate"])
-  perm = np.stack([moefy.cluster_units(w_gate[l], E, seed=l)[0]
+  perm = np.stack([moefy.cluster_units(w_gate[l], E, iters=5, seed=l)[0]
                    for l in range(BASE.num_layers)])
   return params, perm
 

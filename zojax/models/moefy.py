@@ -12,7 +12,8 @@ MoEfication turns a pretrained dense FFN into a mixture of experts without retra
      sigmoid scores, top-K of score + bias, bias 0) is fitted to predict which groups
      contribute most to a token: binary cross-entropy of ``sigmoid(h W)`` against the 0/1
      label "group e is among the `label_k` groups with the largest ||expert_e(h)||", on the
-     FFN inputs h (post-attention RMSNorm) of the dense model over corpus tokens. Top-K of
+     FFN inputs h (post-attention RMSNorm) of the DENSE model over corpus tokens (the MoE
+     model's own h drift from these once earlier layers drop experts). Top-K of
      sigmoid scores is top-K of the logits, so the fit aims at the selection rule directly.
      The fit is full-batch L-BFGS (`optax.lbfgs`) from zero: logistic regression, convex.
 
@@ -193,14 +194,20 @@ def to_moe(base: llama.LlamaConfig, params: dict, perm_LxF, router_LxDxE, *, top
 # The dense model's FFN inputs and group contributions, layer by layer
 
 
+def expert_outputs(p, h_TxD) -> jax.Array:
+  """[T, E, D]: every expert of one layer (params `p`) on every token of h."""
+  cast = lambda w: w.astype(h_TxD.dtype)
+  a_TxExG = (jax.nn.silu(jnp.einsum("td,edg->teg", h_TxD, cast(p["expert_gate"])))
+             * jnp.einsum("td,edg->teg", h_TxD, cast(p["expert_up"])))
+  return jnp.einsum("teg,egd->ted", a_TxExG, cast(p["expert_down"]))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _teacher_layer(base: llama.LlamaConfig, p, x_BxTxD):
   x = llama.attention_sublayer(base, p, x_BxTxD)
   B, T, D = x.shape
   h_TxD = llama.rms_norm(x, p["mlp_norm"], base.norm_eps).reshape(B * T, D)
-  a_TxExG = (jax.nn.silu(jnp.einsum("td,edg->teg", h_TxD, p["expert_gate"]))
-             * jnp.einsum("td,edg->teg", h_TxD, p["expert_up"]))
-  y_TxExD = jnp.einsum("teg,egd->ted", a_TxExG, p["expert_down"])
+  y_TxExD = expert_outputs(p, h_TxD)
   norms_TxE = jnp.linalg.norm(y_TxExD.astype(jnp.float32), axis=-1)
   return x + y_TxExD.sum(1).reshape(B, T, D), h_TxD, norms_TxE
 
@@ -363,7 +370,8 @@ def load_or_convert(settings: MoefyConfig = MoefyConfig(), *, top_k: int = 4,
   """`load_smollm2_moe`, converting and caching first when nothing is cached.
 
   Returns:
-    (MoEConfig, params, metadata of the conversion: settings, report, seconds).
+    (MoEConfig, params, the conversion's {"settings", "report"}: per-layer k-means objective,
+    train recall and final BCE of the routers, seconds spent clustering and fitting).
   """
   path = cache_path(settings)
   dense = smollm2.load_smollm2() if dense is None else dense
