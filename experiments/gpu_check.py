@@ -33,6 +33,11 @@ what is left among the measurements still to run:
               batch (32 x 512 tokens): median step seconds, device and host bytes from
               `memory_analysis()`, and whether the transfers are hidden (streamed <= 1.1x
               resident).
+  fate        what the offloaded-MoE timeline (zojax.infer.timeline) needs from a device:
+              pinned-host -> device bandwidth (one INT4 expert, one full expert, 64 MiB) and
+              the engine's per-layer pieces at the MoEfied SmolLM2-135M shape (attention +
+              router for a 512-token prefill and one decode token, one expert in full
+              precision and INT4).
 
 `--smoke` runs all of it on CPU at tiny shapes (the Pallas kernels in their interpreter;
 cuDNN absent, recorded as an error), so the script cannot rot before a GPU appears;
@@ -44,6 +49,7 @@ and a final one-line JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -66,9 +72,10 @@ if SITE.is_dir() and str(SITE) not in sys.path:
   sys.path.append(str(SITE))  # after the machine's own packages: it only fills gaps
 
 RESULTS = ROOT / "experiments" / "results"
-MEASUREMENTS = ("tests", "attention", "projection", "zo_step", "stream")
+MEASUREMENTS = ("tests", "attention", "projection", "zo_step", "stream", "fate")
 # Shares of the time left, in order: measurement i may use left * SHARE[i] / sum(SHARE[i:]).
-SHARE = {"tests": 0.22, "attention": 0.28, "projection": 0.08, "zo_step": 0.2, "stream": 0.22}
+SHARE = {"tests": 0.2, "attention": 0.26, "projection": 0.08, "zo_step": 0.18, "stream": 0.2,
+         "fate": 0.08}
 DIRECTION = "rademacher"  # of the streamed comparison: the configs' default direction
 MIN_START_S = 15          # a measurement is not started with less than this left
 
@@ -390,8 +397,99 @@ def measure_stream(smoke: bool, deadline: float, record) -> dict:
   return out
 
 
+# ---------------------------------------------------------------------------------------
+# Offloaded MoE inference: the link and the layer times the Fate timeline needs
+
+
+def _h2d_seconds(jax, nbytes: int, reps: int) -> float:
+  """Median seconds to move `nbytes` from pinned host memory to the device."""
+  import numpy as np  # noqa: PLC0415
+  device = jax.devices()[0]
+  host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+  on_device = host.with_memory_kind("device")
+  on_host = jax.device_put(np.ones(nbytes // 4, np.float32), host)
+  on_host.block_until_ready()
+  put = lambda: jax.device_put(on_host, on_device).block_until_ready()
+  return _median_seconds(put, reps=reps)
+
+
+def measure_fate(smoke: bool, deadline: float, record) -> dict:
+  """Pinned-host -> device bandwidth (one INT4 expert, one full expert, 64 MiB) and the
+  offloaded engine's per-layer pieces at the MoEfied SmolLM2-135M shape (D 576, 9 heads,
+  16 experts of 96, top-4; random weights): attention + router for a 512-token prefill and
+  one decode token, and one expert's gate x SwiGLU in full precision and INT4."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from zojax.infer import offload, quant  # noqa: PLC0415
+  from zojax.models import moe  # noqa: PLC0415
+  if smoke:
+    config, prompt, reps = moe.CONFIGS["moe-tiny"], 16, 2
+  else:
+    from zojax.models import llama  # noqa: PLC0415
+    base = dataclasses.replace(llama.CONFIGS["smollm2-135m"], num_layers=1)
+    config, prompt, reps = moe.MoEConfig(base, num_experts=16, top_k=4, expert_dim=96,
+                                         gates="unit"), 512, 20
+  params = moe.init(config, jax.random.key(0))
+  one = jax.tree.map(lambda x: x[0], params["blocks"])
+  expert = {leaf: params["blocks"][name][0, 0] for leaf, name in offload.EXPERT_LEAVES.items()}
+  int4 = {leaf: quant.quantize(np.asarray(w), bits=4) for leaf, w in expert.items()}
+  sizes = {"expert_full": sum(x.nbytes for x in expert.values()),
+           "expert_int4": sum(quant.nbytes(q) for q in int4.values()),
+           "bulk_64MiB": 64 << 20}
+  out = {"shape": {"dim": config.base.dim, "experts": config.num_experts,
+                   "expert_dim": config.expert_dim, "top_k": config.top_k, "prompt": prompt}}
+  link = {}
+  for name, nbytes in sizes.items():
+    if _now() > deadline - 20:
+      link[name] = {"skipped": "time budget"}
+      continue
+    seconds = _h2d_seconds(jax, nbytes, reps)
+    link[name] = {"bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds}
+    record({**out, "pinned_to_device": link})
+  out["pinned_to_device"] = link
+  b = config.base
+  layer = {}
+  bias = jnp.zeros((config.num_experts,), jnp.float32)
+  for phase, tokens in (("prefill", prompt), ("decode", 1)):
+    if _now() > deadline - 30:
+      layer[phase] = {"skipped": "time budget"}
+      continue
+    cache = jnp.zeros((1, prompt + 8, b.num_kv_heads, b.head_dim), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (1, tokens, b.dim), jnp.float32)
+    pos = jnp.arange(tokens, dtype=jnp.int32)[None] + (0 if phase == "prefill" else prompt)
+
+    def front(x=x, pos=pos):
+      # The cache is donated by the engine's step: a fresh one per call.
+      k, v = jnp.copy(cache), jnp.copy(cache)
+      return jax.block_until_ready(offload._front(config, one, bias, x, k, v, pos))
+
+    front()
+    h = front()[3]
+    gates = jnp.ones((config.num_experts, tokens), jnp.float32)
+    y = jnp.zeros(h.shape, jnp.float32)
+    row = {"attention_router_s": _median_seconds(front, reps=reps)}
+    for fmt, weights, facts in (
+        ("full", expert, tuple((leaf, ()) for leaf in sorted(expert))),
+        ("int4", {k: {"packed": q.packed, "scale": q.scale, "zero": q.zero}
+                  for k, q in int4.items()},
+         tuple(sorted((k, tuple(sorted({"bits": q.bits, "group": q.group, "k": q.k,
+                                         "n": q.n}.items()))) for k, q in int4.items())))):
+      weights = jax.device_put(weights)
+      run = lambda: jax.block_until_ready(
+          offload._contribution(y, h, gates, np.int32(0), weights, facts))
+      row[f"expert_{fmt}_s"] = _median_seconds(run, reps=reps)
+    # The MoE of one layer call: the experts the call touches (all E in a long prefill).
+    touched = config.num_experts if phase == "prefill" else config.top_k
+    row["moe_full_s"] = touched * row["expert_full_s"]
+    layer[phase] = row
+    record({**out, "layer_seconds": layer})
+  out["layer_seconds"] = layer
+  return out
+
+
 MEASURE = {"attention": measure_attention, "projection": measure_projection,
-           "zo_step": measure_zo_step, "stream": measure_stream}
+           "zo_step": measure_zo_step, "stream": measure_stream, "fate": measure_fate}
 
 
 # ---------------------------------------------------------------------------------------

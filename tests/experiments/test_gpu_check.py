@@ -47,6 +47,16 @@ def test_kernels_tests_and_orchestration(tmp_path):
   m, _ = _run(tmp_path, "--budget_s", "1", "--only", "stream")
   assert m["stream"]["status"] == "skipped"
 
+  m, _ = _run(tmp_path, "--inline", "--only", "fate")
+  fate = m["fate"]
+  assert fate["status"] == "ok", fate
+  assert all(r["bytes_per_s"] > 0 for r in fate["pinned_to_device"].values())
+  assert fate["pinned_to_device"]["expert_int4"]["bytes"] < fate["pinned_to_device"][
+      "expert_full"]["bytes"]
+  for phase in ("prefill", "decode"):
+    row = fate["layer_seconds"][phase]
+    assert row["attention_router_s"] > 0 and row["expert_full_s"] > 0 and row["expert_int4_s"] > 0
+
 
 @pytest.mark.slow
 def test_zo_step_and_stream(tmp_path):
