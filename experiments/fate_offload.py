@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ from zojax.data import fetch  # noqa: E402
 from zojax.errors import ConfigError  # noqa: E402
 from zojax.infer import offload, planner, simulate, timeline  # noqa: E402
 from zojax.infer import prefetch as prefetch_lib  # noqa: E402
+from zojax.infer import quant  # noqa: E402
 from zojax.infer import store as store_lib  # noqa: E402
 from zojax.infer.schedule import Counters  # noqa: E402
 from zojax.infer.trace import PHASES, Trace  # noqa: E402
@@ -75,6 +77,7 @@ PREDICTORS = ("gate", "eap", "prev_token", "popularity", "oracle")
 POLICIES = simulate.POLICIES + ("lod_fp16", "fate_topk", "fate_uniform")
 NO_BUDGET = ("lod", "lod_fp16", "all_on_device")        # the slot plan does not matter
 NO_PREDICTOR = ("lod", "lod_fp16", "lod_lru", "all_on_device")
+DECODE_VARIANTS = ("text", "greedy")   # teacher-forced held-out text; the engine's greedy
 QUANT_MODES = {"fp32": None, "int4": "int4", "hybrid": "hybrid", "int2": "int2"}
 PROFILES = ("gtx_1080_ti", "cpu")
 REFERENCE = ("gtx_1080_ti", "pcie3_x16")   # the profile and link of the hit-rate curves
@@ -93,6 +96,7 @@ class Subject:
   params: dict
   state: dict
   eval_rows: np.ndarray     # [R, prompt_len + 1] held-out rows: prompts, and perplexity targets
+  continuations: np.ndarray  # [R, C] the held-out text that follows each prompt
   calib_rows: np.ndarray    # [C, prompt_len] train rows
   info: dict
 
@@ -102,6 +106,16 @@ def spaced(rows: np.ndarray, n: int) -> np.ndarray:
   if n > len(rows):
     raise ConfigError(f"asked for {n} rows, the split has {len(rows)}")
   return rows[np.unique(np.linspace(0, len(rows) - 1, n).round().astype(int))]
+
+
+def prompts_and_text(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """`n` evenly spaced rows (prompt + the next token) and the text that follows each one:
+  rows are consecutive cuts of one token stream, so row i's continuation is its last token
+  and then row i + 1."""
+  if n + 1 > len(rows):
+    raise ConfigError(f"asked for {n} prompts, the split has {len(rows)} rows")
+  idx = np.unique(np.linspace(0, len(rows) - 2, n).round().astype(int))
+  return rows[idx], np.concatenate([rows[idx, -1:], rows[idx + 1]], axis=1)
 
 
 def load_moe_balance(args) -> Subject:
@@ -126,8 +140,9 @@ def load_moe_balance(args) -> Subject:
   length = args.prompt_len or task.seq_len
   val = corpus.packed_sequences(tok, length, "validation", val_fraction=task.val_fraction)
   calib = corpus.packed_sequences(tok, length, "train", val_fraction=task.val_fraction)
-  return Subject("moe_balance", gen.decoder_config(model), params, state,
-                 remap[spaced(val, args.prompts)], remap[spaced(calib, args.calib_rows)][:, :-1],
+  prompts, text = prompts_and_text(val, args.prompts)
+  return Subject("moe_balance", gen.decoder_config(model), params, state, remap[prompts],
+                 remap[text], remap[spaced(calib, args.calib_rows)][:, :-1],
                  {"run_dir": str(run_dir), "arm": arm, "config_arg": arg,
                   "trained_seq_len": task.seq_len, "vocab_limit": task.vocab_limit})
 
@@ -141,8 +156,9 @@ def load_smollm2_moe(args) -> Subject:
   length = args.prompt_len or 512
   val = corpus.packed_sequences(tok, length, "validation")
   calib = corpus.packed_sequences(tok, length, "train")
+  prompts, text = prompts_and_text(val, args.prompts)
   return Subject("smollm2_moe", config, params, moe.init_state(config, jax.random.key(0)),
-                 spaced(val, args.prompts), spaced(calib, args.calib_rows)[:, :-1],
+                 prompts, text, spaced(calib, args.calib_rows)[:, :-1],
                  {"conversion": moefy.cache_path().name})
 
 
@@ -156,11 +172,13 @@ def load_tiny(args) -> Subject:
                          else (0.1 * rng.standard_normal(s.shape)).astype(s.dtype))
   params = jax.tree_util.tree_map_with_path(draw, shapes)
   bias = 0.3 * rng.standard_normal((config.base.num_layers, config.num_experts))
-  length = args.prompt_len or 16
+  length = args.prompt_len or 13
   rows = lambda n, t: rng.integers(0, config.base.vocab_size, (n, t)).astype(np.int32)
   bias = bias.astype(np.float32)
+  # Calibration rows as long as prompt + continuation: one prefill shape fewer to compile.
   return Subject("moe_tiny", config, params, {"bias": bias, "prev_bias": bias},
-                 rows(args.prompts, length + 1), rows(args.calib_rows, length),
+                 rows(args.prompts, length + 1), rows(args.prompts, args.decode_steps),
+                 rows(args.calib_rows, length + args.decode_steps),
                  {"weights": "random"})
 
 
@@ -188,38 +206,60 @@ def summarize_run(out: offload.Generation, row: np.ndarray) -> dict:
           "argmax": out.prefill_logits[0].argmax(-1).astype(np.int32)}
 
 
+def as_decode(trace: Trace, prompt_len: int) -> Trace:
+  """A batch-1 prefill trace over prompt + continuation read as a prefill of the prompt and
+  one decode step per continuation token: teacher-forced decoding, each step's routing from
+  the real text before it (causal attention: a token's routing does not depend on later
+  tokens; only float rounding differs from one-token steps)."""
+  if trace.batch_size != 1:
+    raise ConfigError(f"as_decode needs a batch-1 trace, got batch {trace.batch_size}")
+  steps = lambda a: a[:, prompt_len:, None].transpose(1, 0, 2, 3)   # [L, S, X] -> [S, L, 1, X]
+  return Trace(trace.num_experts, trace.top_k, 1, trace.prefill_experts[:, :prompt_len],
+               trace.prefill_gate_rank[:, :prompt_len], trace.prefill_true_rank[:, :prompt_len],
+               steps(trace.prefill_experts), steps(trace.prefill_gate_rank),
+               steps(trace.prefill_true_rank), meta={"decode": "teacher-forced"})
+
+
 def record(subject: Subject, workdir: pathlib.Path, decode_steps: int) -> dict:
-  """FP32 (all-resident) requests and their traces, and the calibration trace; cached."""
+  """FP32 (all-resident) requests and their traces, and the calibration trace; cached.
+
+  Two decode traces per request: 'greedy' (the engine's own generation) and 'text'
+  (`as_decode` over the held-out continuation). Once per request, the greedy decode routing
+  is compared with a prefill over prompt + the greedy tokens (the same routing up to
+  rounding: the check that `as_decode` reads a prefill as decode steps correctly)."""
+  R, prompt_len = len(subject.eval_rows), subject.eval_rows.shape[1] - 1
   paths = {"calibration": workdir / "calibration_trace.npz", "fp32": workdir / "fp32.npz"}
-  paths.update({f"eval{i}": workdir / f"eval_trace_{i}.npz"
-                for i in range(len(subject.eval_rows))})
-  if all(p.exists() for p in paths.values()):
-    with np.load(paths["fp32"]) as f:
-      fp32 = [{k: f[f"{k}_{i}"] for k in ("tokens", "nll", "argmax")}
-              for i in range(len(subject.eval_rows))]
-      seconds = float(f["seconds"])
-    return {"traces": [Trace.load(paths[f"eval{i}"]) for i in range(len(subject.eval_rows))],
-            "calibration": Trace.load(paths["calibration"]), "fp32": fp32,
-            "seconds": seconds, "cached": True}
-  prompt_len = subject.eval_rows.shape[1] - 1
-  engine = offload.OffloadEngine(subject.config, subject.params, subject.state, resident=True,
-                                 max_len=prompt_len + decode_steps + 1)
-  start = time.perf_counter()
-  calibration = engine.generate(subject.calib_rows, 1).trace
-  traces, fp32 = [], []
-  for row in subject.eval_rows:
-    out = engine.generate(row[None, :-1], decode_steps + 1)
-    traces.append(out.trace)
-    fp32.append(summarize_run(out, row))
-  seconds = time.perf_counter() - start
-  workdir.mkdir(parents=True, exist_ok=True)
-  for i, t in enumerate(traces):
-    t.save(paths[f"eval{i}"])
-  calibration.save(paths["calibration"])
-  np.savez(paths["fp32"], seconds=seconds,
-           **{f"{k}_{i}": v for i, r in enumerate(fp32) for k, v in r.items()})
-  return {"traces": traces, "calibration": calibration, "fp32": fp32, "seconds": seconds,
-          "cached": False}
+  for i in range(R):
+    paths[f"greedy{i}"] = workdir / f"eval_trace_{i}.npz"
+    paths[f"text{i}"] = workdir / f"text_trace_{i}.npz"
+  if not all(p.exists() for p in paths.values()):
+    engine = offload.OffloadEngine(subject.config, subject.params, subject.state,
+                                   resident=True, max_len=prompt_len + decode_steps + 1)
+    start = time.perf_counter()
+    engine.generate(subject.calib_rows, 1).trace.save(paths["calibration"])
+    fp32, agree = [], []
+    for i, (row, text) in enumerate(zip(subject.eval_rows, subject.continuations)):
+      out = engine.generate(row[None, :-1], decode_steps + 1)
+      out.trace.save(paths[f"greedy{i}"])
+      fp32.append(summarize_run(out, row))
+      seq = np.concatenate([row[:-1], out.tokens[0, :decode_steps]])[None]
+      replayed = as_decode(engine.generate(seq, 1).trace, prompt_len)
+      same = np.sort(replayed.decode_experts, -1) == np.sort(out.trace.decode_experts, -1)
+      agree.append(float(same.all(-1).mean()))
+      seq = np.concatenate([row[:-1], text[:decode_steps]])[None]
+      as_decode(engine.generate(seq, 1).trace, prompt_len).save(paths[f"text{i}"])
+    np.savez(paths["fp32"], seconds=time.perf_counter() - start, agree=np.array(agree),
+             **{f"{k}_{i}": v for i, r in enumerate(fp32) for k, v in r.items()})
+    cached = False
+  else:
+    cached = True
+  with np.load(paths["fp32"]) as f:
+    fp32 = [{k: f[f"{k}_{i}"] for k in ("tokens", "nll", "argmax")} for i in range(R)]
+    seconds, agree = float(f["seconds"]), f["agree"].tolist()
+  return {"traces": {v: [Trace.load(paths[f"{v}{i}"]) for i in range(R)]
+                     for v in DECODE_VARIANTS},
+          "calibration": Trace.load(paths["calibration"]), "fp32": fp32, "seconds": seconds,
+          "greedy_decode_vs_prefill_routing_agreement": agree, "cached": cached}
 
 
 def expert_store(subject: Subject, workdir: pathlib.Path) -> pathlib.Path:
@@ -556,10 +596,86 @@ def quality(subject: Subject, store_path, calibration: Trace, fp32: list, slots,
         "perplexity": float(np.exp(np.mean([r["nll"] for r in rows[mode]]))),
         "greedy_match": float(np.mean(match)), "greedy_match_per_request": match,
         "first_divergence": first,
+        "distinct_generated_tokens": [int(len(np.unique(q["tokens"]))) for q in rows[mode]],
         "prompt_top1_agreement": float(np.mean([np.mean(r["argmax"] == q["argmax"])
                                                 for r, q in zip(ref, rows[mode])])),
         **extra}
   return out
+
+
+def quality_dense_control(subject: Subject, workdir: pathlib.Path) -> dict:
+  """A MoEfied model (unit gates) with all E experts active is its dense model: perplexity
+  and prompt top-1 agreement of FP32 / INT4 / INT2 experts there separate the formats' own
+  error from the fragility of the top-K model. Dequantised weights in the resident engine
+  (the engine computes quantised experts the same way, to float rounding); cached."""
+  path = workdir / "quality_dense_control.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  config = dataclasses.replace(subject.config, top_k=subject.config.num_experts)
+  rows = subject.eval_rows
+  engine = lambda params: offload.OffloadEngine(config, params, subject.state, resident=True,
+                                                max_len=rows.shape[1])
+  out, ref = {}, None
+  for mode, bits in (("fp32", None), ("int4", 4), ("int2", 2)):
+    blocks = dict(subject.params["blocks"])
+    if bits:
+      for name in offload.EXPERT_LEAVES.values():
+        blocks[name] = np.asarray(quant.dequantize(quant.quantize(np.asarray(blocks[name]),
+                                                                  bits=bits)))
+    e = engine({**subject.params, "blocks": blocks})
+    runs = [summarize_run(e.generate(row[None, :-1], 0), row) for row in rows]
+    ref = ref or runs
+    out[mode] = {"perplexity": float(np.exp(np.mean([r["nll"] for r in runs]))),
+                 "prompt_top1_agreement": float(np.mean([np.mean(r["argmax"] == q["argmax"])
+                                                         for r, q in zip(ref, runs)]))}
+  path.write_text(json.dumps(out, indent=1))
+  return out
+
+
+def analyse(sims: Simulator, plans: dict, mid: planner.Plan, fractions, profiles: dict,
+            prefetch_k: dict) -> dict:
+  """Per-layer prediction (stage 3), the timeline table (4), hit rates and bytes per token
+  against the cache fraction (3, 6) for one set of request traces."""
+  E, K = sims.subject.config.num_experts, sims.subject.config.top_k
+  prediction = {}
+  for pred in PREDICTORS:   # prefetch_k = K; the cache does not change these counts
+    p = pooled(sims.run("fate" if pred == "gate" else pred, mid.slots, K))
+    keys = ("token_accuracy", "recall", "precision")
+    prediction[pred] = {ph: {k: p[ph][k] for k in keys}
+                        | {"per_layer": {k: p[ph]["per_layer"][k] for k in keys}}
+                        for ph in PHASES}
+  table = []
+  for prof in PROFILES:
+    for bw, value in timeline.BANDWIDTHS.items():
+      k = prefetch_k[prof][bw]
+      for frac in fractions:
+        plan = plans[frac]
+        row = {"profile": prof, "link": bw, "cache_fraction": frac, "prefetch_k": k,
+               "slots": list(plan.slots), "budget_bytes": plan.budget_bytes,
+               "cached_share": plan.cache_fraction(E), "policies": {}}
+        for pol in POLICIES:
+          row["policies"][pol] = replay_all(sims.run(pol, plan.slots, k), profiles[prof], value)
+        fate = row["policies"]["fate"]
+        row["speedup"] = {f"{phase}_over_{base}": (fate[f"{phase}_tokens_per_s"] /
+                                                   row["policies"][base][f"{phase}_tokens_per_s"])
+                          for base in ("lod", "lod_fp16", "eap") for phase in PHASES}
+        table.append(row)
+  k_ref = prefetch_k[REFERENCE[0]][REFERENCE[1]]
+  curve, per_layer_mid = {pol: [] for pol in POLICIES}, {}
+  for frac, plan in sorted(plans.items()):
+    for pol in POLICIES:
+      p = pooled(sims.run(pol, plan.slots, k_ref))
+      curve[pol].append({"cache_fraction": frac, "cached_share": plan.cache_fraction(E),
+                         **{ph: {k: p[ph][k] for k in (
+                             "hit_rate_unique", "hit_rate_assign", "recall", "precision",
+                             "bytes_per_token", "bytes_per_token_by_kind")} for ph in PHASES},
+                         "warm_bytes_per_request": p["warm_bytes_per_request"]})
+      if plan is mid:
+        per_layer_mid[pol] = {ph: {k: p[ph]["per_layer"][k]
+                                   for k in ("hit_rate_unique", "hit_rate_assign")}
+                              for ph in PHASES}
+  return {"prediction": prediction, "timeline": table, "hit_rate_curve": curve,
+          "per_layer_hit_rate": per_layer_mid}
 
 
 # ---------------------------------------------------------------------------------------
@@ -570,6 +686,11 @@ def run_model(name: str, args, workdir: pathlib.Path) -> dict:
   log = logging.getLogger("fate")
   t0 = time.perf_counter()
   subject = LOADERS[name](args)
+  # Weights committed to the placement the expert store moves experts to, so the resident
+  # and the offloaded engines call their compiled pieces with the same input shardings
+  # (an uncommitted argument is another jit cache entry: every piece would compile twice).
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+  subject.params, subject.state = jax.device_put((subject.params, subject.state), device)
   c = subject.config
   L, E, K = c.base.num_layers, c.num_experts, c.top_k
   prompt_len = subject.eval_rows.shape[1] - 1
@@ -583,7 +704,7 @@ def run_model(name: str, args, workdir: pathlib.Path) -> dict:
   t = time.perf_counter()
   rec = record(subject, wd, args.decode_steps)
   timings["traces_s"] = time.perf_counter() - t
-  traces, calibration = rec["traces"], rec["calibration"]
+  calibration = rec["calibration"]
   log.info("%s: traces (%s) in %.1fs", name, "cached" if rec["cached"] else "recorded",
            timings["traces_s"])
 
@@ -597,24 +718,11 @@ def run_model(name: str, args, workdir: pathlib.Path) -> dict:
                          prompt_len + args.decode_steps + 1)
   timings["store_and_checks_s"] = time.perf_counter() - t
 
-  sims = Simulator(subject, traces, calibration, nbytes, args.int2_rate)
-  plans = {f: fraction_plan(subject, nbytes, f, resident) for f in args.fractions}
-  curve_fracs = sorted(set(args.fractions) | {0.0, 1.0})
-  plans.update({f: fraction_plan(subject, nbytes, f, resident)
-                for f in curve_fracs if f not in plans})
-
-  # Stage 3: prediction quality per layer (prefetch_k = K, cache irrelevant to it).
+  plans = {f: fraction_plan(subject, nbytes, f, resident)
+           for f in sorted(set(args.fractions) | {0.0, 1.0})}
   mid = plans[args.fractions[len(args.fractions) // 2]]
-  prediction = {}
-  for pred in PREDICTORS:
-    policy_name = "fate" if pred == "gate" else pred
-    p = pooled(sims.run(policy_name, mid.slots, K))
-    prediction[pred] = {ph: {k: p[ph][k] for k in ("token_accuracy", "recall", "precision")}
-                        | {"per_layer": {k: p[ph]["per_layer"][k]
-                                         for k in ("token_accuracy", "recall", "precision")}}
-                        for ph in PHASES}
 
-  # Stage 4: compute times, prefetch_k per profile x link, the timeline.
+  # Stage 4a: compute times and prefetch_k per profile x link.
   t = time.perf_counter()
   cpu = cpu_times(subject, prompt_len, args.decode_steps, args.reps, wd)
   timings["cpu_times_s"] = time.perf_counter() - t
@@ -623,47 +731,23 @@ def run_model(name: str, args, workdir: pathlib.Path) -> dict:
                                                        value)
                        for bw, value in timeline.BANDWIDTHS.items()}
                 for prof, times in profiles.items()}
-  t = time.perf_counter()
-  table = []
-  for prof in PROFILES:
-    for bw, value in timeline.BANDWIDTHS.items():
-      k = prefetch_k[prof][bw]
-      for frac in args.fractions:
-        plan = plans[frac]
-        row = {"profile": prof, "link": bw, "cache_fraction": frac, "prefetch_k": k,
-               "slots": list(plan.slots), "budget_bytes": plan.budget_bytes,
-               "cached_share": plan.cache_fraction(E), "policies": {}}
-        for pol in POLICIES:
-          row["policies"][pol] = replay_all(sims.run(pol, plan.slots, k), profiles[prof], value)
-        fate = row["policies"]["fate"]
-        row["speedup"] = {f"{phase}_over_{base}": (fate[f"{phase}_tokens_per_s"] /
-                                                   row["policies"][base][f"{phase}_tokens_per_s"])
-                          for base in ("lod", "lod_fp16", "eap") for phase in PHASES}
-        table.append(row)
-  timings["timeline_s"] = time.perf_counter() - t
-
-  # Hit rates and bytes against the cache fraction at the reference profile / link.
   k_ref = prefetch_k[REFERENCE[0]][REFERENCE[1]]
-  curve = {pol: [] for pol in POLICIES}
-  per_layer_mid = {}
-  for frac in curve_fracs:
-    for pol in POLICIES:
-      p = pooled(sims.run(pol, plans[frac].slots, k_ref))
-      curve[pol].append({"cache_fraction": frac, "cached_share": plans[frac].cache_fraction(E),
-                         **{ph: {k: p[ph][k] for k in (
-                             "hit_rate_unique", "hit_rate_assign", "recall", "precision",
-                             "bytes_per_token", "bytes_per_token_by_kind")} for ph in PHASES},
-                         "warm_bytes_per_request": p["warm_bytes_per_request"]})
-      if plans[frac] is mid:
-        per_layer_mid[pol] = {ph: {k: p[ph]["per_layer"][k]
-                                   for k in ("hit_rate_unique", "hit_rate_assign")}
-                              for ph in PHASES}
-  timings["simulate_s"] = sims.seconds
+
+  # Stages 3, 4b and 6 on each decode variant's traces.
+  t = time.perf_counter()
+  variants = {}
+  for variant in DECODE_VARIANTS:
+    sims = Simulator(subject, rec["traces"][variant], calibration, nbytes, args.int2_rate)
+    variants[variant] = analyse(sims, plans, mid, args.fractions, profiles, prefetch_k)
+    timings[f"simulate_{variant}_s"] = sims.seconds
+  timings["analyses_s"] = time.perf_counter() - t
 
   # Stage 5: quality at the middle budget, the reference prefetch_k.
   t = time.perf_counter()
   qual = quality(subject, store_path, calibration, rec["fp32"], mid.slots, k_ref,
                  args.int2_rate, args.decode_steps, wd, nbytes)
+  if c.gates == "unit":
+    qual["dense_control"] = quality_dense_control(subject, wd)
   timings["quality_s"] = time.perf_counter() - t
   timings["total_s"] = time.perf_counter() - t0
   log.info("%s: done in %.1fs", name, timings["total_s"])
@@ -681,16 +765,15 @@ def run_model(name: str, args, workdir: pathlib.Path) -> dict:
                    "calibration_gate_accuracy": gate_accuracy(calibration).tolist(),
                    "fractions": list(args.fractions), "quality_cache_fraction":
                    args.fractions[len(args.fractions) // 2], "reference": list(REFERENCE)},
-      "engine_checks": checks, "fp32_engine_seconds": rec["seconds"],
+      "engine_checks": {**checks, "greedy_decode_vs_prefill_routing_agreement":
+                        rec["greedy_decode_vs_prefill_routing_agreement"]},
+      "fp32_engine_seconds": rec["seconds"],
       "routing": {"calibration_expert_share_max": float(
           (calibration.expert_counts() / calibration.expert_counts().sum(1, keepdims=True))
           .max(1).mean())},
-      "prediction": prediction,
       "compute": {"cpu_measured": cpu, **{p: profile_summary(t) for p, t in profiles.items()}},
-      "prefetch_k": prefetch_k, "timeline": table, "hit_rate_curve": curve,
-      "per_layer_hit_rate": {"cache_fraction": args.fractions[len(args.fractions) // 2],
-                             **per_layer_mid},
-      "quality": qual, "timings": timings}
+      "prefetch_k": prefetch_k, "decode_variants": variants, "quality": qual,
+      "timings": timings}
 
 
 # ---------------------------------------------------------------------------------------
@@ -700,15 +783,16 @@ def run_model(name: str, args, workdir: pathlib.Path) -> dict:
 def plot(results: dict, path: pathlib.Path) -> None:
   models = list(results["models"])
   fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.3 * len(models)), squeeze=False)
-  shown = ("fate", "lod_lru", "eap", "prev_token", "popularity", "oracle")
+  shown = ("fate", "fate_topk", "fate_uniform", "lod_lru", "eap", "prev_token", "popularity",
+           "oracle")
   for row, name in zip(axes, models):
-    r = results["models"][name]
+    r = results["models"][name]["decode_variants"]["text"]
     for pol in shown:
       pts = r["hit_rate_curve"][pol]
       row[0].plot([p["cached_share"] for p in pts],
                   [p["decode"]["hit_rate_unique"] for p in pts], "o-", label=pol)
     row[0].set(xlabel="cached share of experts", ylabel="decode hit rate (unique experts)",
-               title=f"{name}: hit rate vs cache ({REFERENCE[0]}, {REFERENCE[1]} prefetch_k)")
+               title=f"{name}: decode hit rate (text, GTX/PCIe3 prefetch_k)")
     for pol, style in (("fate", "o-"), ("eap", "s-"), ("lod_lru", "^-"), ("lod", "v-"),
                        ("all_on_device", "k--")):
       for link, alpha in (("pcie3_x16", 1.0), ("pcie4_x16", 0.45)):
@@ -717,7 +801,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
                     [t["policies"][pol]["decode_tokens_per_s"] for t in pts], style,
                     alpha=alpha, label=f"{pol} {link[:5]}")
     row[1].set(xlabel="expert cache fraction (budget)", ylabel="modelled decode tokens/s",
-               yscale="log", title=f"{name}: GTX 1080 Ti roofline timeline")
+               yscale="log", title=f"{name}: GTX 1080 Ti roofline, text decode")
     for pred in ("gate", "eap", "prev_token", "popularity"):
       acc = r["prediction"][pred]["decode"]["per_layer"]["token_accuracy"]
       row[2].plot(range(len(acc)), [np.nan if a is None else a for a in acc], "o-", ms=3,
@@ -726,13 +810,14 @@ def plot(results: dict, path: pathlib.Path) -> None:
                title=f"{name}: prediction per layer")
     for ax in row:
       ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
+      ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def headline(r: dict) -> dict:
+def headline(model: dict) -> dict:
+  r = {**model, **model["decode_variants"]["text"]}
   mid = r["settings"]["quality_cache_fraction"]
   row = next(t for t in r["timeline"] if (t["profile"], t["link"]) == tuple(REFERENCE)
              and t["cache_fraction"] == mid)
@@ -744,8 +829,8 @@ def headline(r: dict) -> dict:
           "fate_hit_rate_unique": {ph: fate_mid[ph]["hit_rate_unique"] for ph in PHASES},
           "speedup_mid": {k: round(v, 3) for k, v in row["speedup"].items()},
           "speedup_max_gtx": {k: round(best(k), 3) for k in row["speedup"]},
-          "perplexity": {m: round(q["perplexity"], 3) for m, q in r["quality"].items()},
-          "greedy_match": {m: round(q["greedy_match"], 3) for m, q in r["quality"].items()}}
+          "perplexity": {m: round(r["quality"][m]["perplexity"], 3) for m in QUANT_MODES},
+          "greedy_match": {m: round(r["quality"][m]["greedy_match"], 3) for m in QUANT_MODES}}
 
 
 def _f(x, digits=3) -> str:
@@ -755,11 +840,12 @@ def _f(x, digits=3) -> str:
 def tables(results: dict) -> str:
   """The markdown tables of docs/fate.md and BENCHMARKS.md, from a results file."""
   out = []
-  for name, r in results["models"].items():
+  for (name, model), variant in itertools.product(results["models"].items(), DECODE_VARIANTS):
+    r = {**model, **model["decode_variants"][variant]}
     m, st = r["model"], r["settings"]
-    out.append(f"### {name}: {m['num_layers']} layers, E={m['num_experts']}, top-"
-               f"{m['top_k']}; {st['prompts']} requests x {st['prompt_len']} prompt tokens + "
-               f"{st['decode_steps']} decode steps, batch 1\n")
+    out.append(f"### {name}, {variant} decode: {m['num_layers']} layers, E={m['num_experts']},"
+               f" top-{m['top_k']}; {st['prompts']} requests x {st['prompt_len']} prompt "
+               f"tokens + {st['decode_steps']} decode steps, batch 1\n")
     out.append("| predictor | prefill token acc. | decode token acc. (= recall = precision "
                "at K) | decode per layer, first 3 / min / max |\n| --- | --- | --- | --- |")
     for pred, v in r["prediction"].items():
@@ -779,12 +865,15 @@ def tables(results: dict) -> str:
                f"({_f(r['hit_rate_curve'][p][i]['prefill']['hit_rate_unique'], 2)})"
                for p in shown]
       out.append(f"| {point['cache_fraction']:g} | " + " | ".join(cells) + " |")
-    out.append("\nModelled tokens/s (two-lane timeline) and Fate's speedups\n")
+    out.append("\nModelled tokens/s (two-lane timeline) and Fate's speedups (cpu: the middle "
+               "budget only)\n")
     out.append("| compute | link | cache fraction | prefetch_k | Fate prefill tok/s | Fate "
                "decode tok/s | prefill x LoD / LoD-FP16 / EAP | decode x LoD / LoD-FP16 / EAP "
                "| decode, fate_topk / fate_uniform |\n| --- | --- | --- | --- | --- | --- | --- "
                "| --- | --- |")
     for t in r["timeline"]:
+      if t["profile"] == "cpu" and t["cache_fraction"] != st["quality_cache_fraction"]:
+        continue   # the CPU rows barely move with the budget (all rows in the JSON)
       fate, sp = t["policies"]["fate"], t["speedup"]
       out.append(
           f"| {t['profile']} | {t['link']} | {t['cache_fraction']:g} | {t['prefetch_k']} | "
@@ -794,13 +883,6 @@ def tables(results: dict) -> str:
           f"{sp['decode_over_lod_fp16']:.2f} / {sp['decode_over_eap']:.2f} | "
           f"{t['policies']['fate_topk']['decode_tokens_per_s']:.3g} / "
           f"{t['policies']['fate_uniform']['decode_tokens_per_s']:.3g} |")
-    out.append(f"\nQuality (engine, Fate at cache fraction {st['quality_cache_fraction']:g}, "
-               f"int2_rate {st['int2_rate']:g})\n")
-    out.append("| experts | perplexity | greedy match vs FP32 | prompt top-1 agreement |\n"
-               "| --- | --- | --- | --- |")
-    for mode, q in r["quality"].items():
-      out.append(f"| {mode} | {q['perplexity']:.3f} | {q['greedy_match']:.3f} | "
-                 f"{q['prompt_top1_agreement']:.3f} |")
     out.append("\nBytes per token, Fate (kind/format); warm-up per request\n")
     out.append("| cache fraction | prefill | decode | warm-up / request |\n| --- | --- | --- "
                "| --- |")
@@ -812,6 +894,22 @@ def tables(results: dict) -> str:
     lod = r["hit_rate_curve"]["lod"][0]
     out.append(f"| LoD (any) | {lod['prefill']['bytes_per_token'] / 1e3:.1f} kB | "
                f"{lod['decode']['bytes_per_token'] / 1e3:.1f} kB | 0 |\n")
+    if variant != DECODE_VARIANTS[-1]:
+      continue
+    out.append(f"\nQuality (engine, greedy, Fate at cache fraction {st['quality_cache_fraction']:g}, "
+               f"int2_rate {st['int2_rate']:g})\n")
+    out.append("| experts | perplexity | greedy match vs FP32 | prompt top-1 agreement |\n"
+               "| --- | --- | --- | --- |")
+    for mode in QUANT_MODES:
+      q = r["quality"][mode]
+      out.append(f"| {mode} | {q['perplexity']:.3f} | {q['greedy_match']:.3f} | "
+                 f"{q['prompt_top1_agreement']:.3f} |")
+    if "dense_control" in r["quality"]:
+      out.append("\nControl: all E experts active (= the dense model), prompt positions\n")
+      out.append("| experts | perplexity | prompt top-1 agreement |\n| --- | --- | --- |")
+      for mode, q in r["quality"]["dense_control"].items():
+        out.append(f"| {mode} | {q['perplexity']:.3f} | {q['prompt_top1_agreement']:.3f} |")
+    out.append("")
   return "\n".join(out)
 
 
@@ -844,7 +942,7 @@ def parse(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.models = ["moe_tiny"]
-    args.prompts, args.calib_rows, args.decode_steps = 1, 1, 4
+    args.prompts, args.calib_rows, args.decode_steps = 1, 1, 3
     args.fractions, args.reps = [0.25, 0.5], 2
   suffix = "_quick" if args.quick else ""
   args.workdir = pathlib.Path(args.workdir or f"runs/fate_offload{suffix}")

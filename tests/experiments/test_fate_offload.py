@@ -42,14 +42,18 @@ def test_engine_checks_and_outputs(run, capsys):
   assert checks["off"]["logits_bit_identical"] and checks["off"]["tokens_equal"]
   assert checks["off"]["bytes_equal"] and checks["hybrid"]["bytes_equal"]
   assert checks["off"]["engine_bytes"]["calls"] > checks["hybrid"]["engine_bytes"]["calls"] > 0
+  # as_decode reads a prefill as decode steps: the greedy routing, replayed by a prefill.
+  assert min(checks["greedy_decode_vs_prefill_routing_agreement"]) >= 0.99
   saved = json.loads(out.read_text())
   assert saved["commit"] and saved["date"] and "moe_tiny" in saved["models"]
   assert out.with_suffix(".png").stat().st_size > 0
-  assert len(list((root / "work" / "moe_tiny").glob("*/eval_trace_0.npz"))) == 1
+  assert len(list((root / "work" / "moe_tiny").glob("*/text_trace_0.npz"))) == 1
 
 
-def test_counts_obey_their_bounds(run):
-  _, _, r = run
+@pytest.mark.parametrize("variant", ["text", "greedy"])
+def test_counts_obey_their_bounds(run, variant):
+  _, _, model = run
+  r = model["decode_variants"][variant]
   for phase in ("prefill", "decode"):
     assert r["prediction"]["oracle"][phase]["token_accuracy"] == 1.0
     assert 0.0 <= r["prediction"]["gate"][phase]["token_accuracy"] <= 1.0
@@ -67,7 +71,8 @@ def test_counts_obey_their_bounds(run):
 
 
 def test_timeline_is_bounded_by_all_on_device(run):
-  _, _, r = run
+  _, _, model = run
+  r = model["decode_variants"]["text"]
   assert len(r["timeline"]) == 2 * 2 * 2   # profiles x links x fractions
   for row in r["timeline"]:
     p = row["policies"]
@@ -99,7 +104,11 @@ def test_stages_resume_and_pooled_counters(run):
   rec = fate.record(subject, workdir, args.decode_steps)
   assert rec["cached"]
   trace = Trace.load(workdir / "eval_trace_0.npz")
-  np.testing.assert_array_equal(rec["traces"][0].decode_experts, trace.decode_experts)
+  np.testing.assert_array_equal(rec["traces"]["greedy"][0].decode_experts,
+                                trace.decode_experts)
+  text = rec["traces"]["text"][0]
+  assert text.num_steps == args.decode_steps and text.prompt_len == trace.prompt_len
+  np.testing.assert_array_equal(text.prefill_experts, trace.prefill_experts)
 
   nbytes = r["model"]["expert_bytes"]
   policy = simulate.policy("fate", slots=(4, 2), num_experts=8, quant="hybrid",
