@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import itertools
 import json
 import logging
@@ -696,8 +697,10 @@ def run_model(name: str, args, workdir: pathlib.Path) -> dict:
   prompt_len = subject.eval_rows.shape[1] - 1
   # Caches: the store per model; traces, CPU times and quality under the settings they
   # depend on (quality files are named by their policy as well).
+  rows = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in (
+      subject.eval_rows, subject.continuations, subject.calib_rows))).hexdigest()[:10]
   wd = (workdir / name / f"prompts{len(subject.eval_rows)}x{prompt_len}_decode"
-        f"{args.decode_steps}_calib{len(subject.calib_rows)}_reps{args.reps}")
+        f"{args.decode_steps}_calib{len(subject.calib_rows)}_reps{args.reps}_rows{rows}")
   wd.mkdir(parents=True, exist_ok=True)
   timings = {"load_s": time.perf_counter() - t0}
 
