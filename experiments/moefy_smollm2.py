@@ -171,7 +171,7 @@ def recall_table(base, moe_params, random_router, rows, chunk: int = 4096):
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-  fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+  fig, (a, c, b) = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [3, 3, 2]})
   rec = result["recall"]
   layers = np.arange(len(rec["recall4"]))
   a.plot(layers, rec["recall4"], "o-", label="router recall@4 (held out)")
@@ -179,26 +179,28 @@ def plot(result: dict, path: pathlib.Path) -> None:
          alpha=0.6, label="router recall@4 (train)")
   a.plot(layers, rec["recall8"], "s-", label="router recall@8 (held out)")
   a.plot(layers, rec["random_recall4"], "^--", color="gray", label="random router recall@4")
-  a.plot(layers, rec["top4_norm_share"], "d-", color="C3", alpha=0.6,
+  a.set(xlabel="layer", ylabel="recall", ylim=(0, 1),
+        title="Routers: recall of the true top groups by ||expert(h)||")
+  a.legend(fontsize=8, loc="lower right")
+  c.plot(layers, rec["router_top4_rel_err"], "v-", color="C4", label="router top-4")
+  c.plot(layers, rec["oracle_top4_rel_err"], "v--", color="C5", label="oracle top-4")
+  c.plot(layers, rec["random_partition_oracle_top4_rel_err"], "v:", color="C7",
+         label="oracle top-4, random partition")
+  c.plot(layers, rec["top4_norm_share"], "d-", color="C3", alpha=0.6,
          label="true top-4 share of group norms")
-  a.plot(layers, rec["router_top4_rel_err"], "v-", color="C4",
-         label="FFN rel. error, router top-4")
-  a.plot(layers, rec["oracle_top4_rel_err"], "v--", color="C5",
-         label="FFN rel. error, oracle top-4")
-  a.plot(layers, rec["random_partition_oracle_top4_rel_err"], "v:", color="C7",
-         label="FFN rel. error, oracle top-4, random partition")
-  a.set(xlabel="layer", ylabel="fraction", ylim=(0, 1.3),
-        title="SmolLM2-135M MoEfied: 16 groups of 96 units")
-  a.legend(fontsize=7, loc="upper center", ncol=2)
+  c.set(xlabel="layer", ylabel="fraction", ylim=(0, 1),
+        title="FFN output relative error with 4 of 16 groups")
+  c.legend(fontsize=8, loc="lower left")
   names = list(result["perplexity"])
   ppl = [result["perplexity"][n]["perplexity"] for n in names]
   colors = ["black", "C0", "C1", "C9", "C2", "gray", "C3"]
   bars = b.bar(range(len(names)), ppl, color=colors[:len(names)])
-  b.bar_label(bars, fmt="%.2f", fontsize=8)
-  b.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
+  b.bar_label(bars, fmt="%.1f", fontsize=7)
+  b.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
   b.set_yscale("log")
   b.set(ylabel="validation perplexity (log)",
         title=f"{result['eval_tokens']:,} validation tokens")
+  fig.suptitle("SmolLM2-135M MoEfied: 16 groups of 96 units per layer, unit gates", fontsize=11)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
