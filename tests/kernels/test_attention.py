@@ -121,11 +121,15 @@ def test_dispatch():
   assert attn.default_implementation("cpu") == "blockwise"
   assert attn.default_implementation("gpu") == "pallas"
   assert attn.default_implementation("tpu") == "blockwise"
+  # Off the GPU the key count decides: plain XLA below BLOCKWISE_FROM keys, blockwise from it.
+  assert attn.default_implementation("cpu", kv_len=attn.BLOCKWISE_FROM - 1) == "xla"
+  assert attn.default_implementation("cpu", kv_len=attn.BLOCKWISE_FROM) == "blockwise"
   q, k, v, _ = _inputs(20, 20, 2, 1, 64, jnp.float32, B=1)
   auto = attn.attention(q, k, v, causal=True, implementation="auto")
   blockwise = attn.blockwise_attention(q, k, v, causal=True)
   if jax.default_backend() == "cpu":
-    np.testing.assert_array_equal(np.asarray(auto), np.asarray(blockwise))
+    xla = attn.attention(q, k, v, causal=True, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(xla))
   for impl in ("xla", "pallas"):
     out = attn.attention(q, k, v, causal=True, implementation=impl, block_sizes=SMALL)
     np.testing.assert_allclose(np.asarray(out), np.asarray(blockwise), rtol=2e-5, atol=2e-5)

@@ -53,6 +53,7 @@ _ERROR_KEY = "zojax/error"
 _ACK_KEY = "zojax/ack/"
 _POLL_MS = 1000          # watchdog: longest wait on the error key between liveness checks
 _ACK_WAIT_S = 10.0       # a failed process waits this long for the others to read its error
+_LEAVE_WAIT_S = 5.0      # a stopping process 0 waits this long for the others to disconnect
 _FINISH_TIMEOUT_MS = 3_600_000   # processes may finish an hour apart (process 0 writes more)
 _FIRST_TIMEOUT_MS = 3_600_000    # `primary_first`: process 0 may be downloading assets
 
@@ -356,11 +357,33 @@ def _client():
 
 
 def _exit(code: int) -> NoReturn:
-  """Leaves at once: JAX's exit hooks would wait on processes that are gone."""
+  """Leaves at once: JAX's exit hooks would wait on processes that are gone.
+
+  Process 0 leaves last. It hosts the coordination service, and a process still connected
+  when the service goes away is aborted by its client's own thread (SIGABRT and a page of
+  C++ log instead of its exit status). So the others disconnect first, and process 0 waits
+  (bounded: a killed process never disconnects) until they have.
+  """
+  if _group.num_processes > 1:
+    if _group.process_id == 0:
+      deadline = time.monotonic() + _LEAVE_WAIT_S
+      with contextlib.suppress(Exception):
+        while (len(_client().get_live_nodes(list(range(_group.num_processes)))) > 1
+               and time.monotonic() < deadline):
+          time.sleep(0.05)
+    else:  # bounded too: with the coordinator gone, the disconnect call may never return
+      leaving = threading.Thread(target=_disconnect, daemon=True)
+      leaving.start()
+      leaving.join(_LEAVE_WAIT_S)
   logging.shutdown()
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)
+
+
+def _disconnect() -> None:
+  with contextlib.suppress(Exception):
+    _client().shutdown()
 
 
 def _first_line(e: BaseException) -> str:
