@@ -5,13 +5,13 @@
 MeZO's k-shot protocol with k=16 per class (32 training sentences); test accuracy on a fixed
 400-sentence subset of the 1000-sentence test split. Runs, one after the other:
   1. AdamW (`configs/sentiment_adamw.py:demo`): zero-shot evaluation, 24 steps at batch 8;
-  2. MeZO, zeroth-order SGD (`configs/sentiment_zo.py:demo`): 40 steps at batch 16, each two
-     forward passes and no backward, the run's weights recoverable from the base weights plus
-     a seed log of a few KB.
+  2. MeZO, zeroth-order SGD (`configs/sentiment_zo.py:demo`): 100 steps at batch 16, lr 3e-5,
+     Rademacher z; each step two forward passes and no backward, the run's weights
+     recoverable from the base weights plus a seed log of a few KB.
 Then prints accuracy, peak step memory (`compiled.memory_analysis()`) and step time for both,
-and writes runs/demo/demo.png. About 10 minutes on 2 CPU cores. MeZO needs far more steps
+and writes runs/demo/demo.png. About 10 minutes on 2 idle CPU cores. MeZO needs more steps
 than AdamW to match it (the paper runs 100k); the demo shows the memory side of the trade
-at a glance and the start of the accuracy side; experiments/zo_sentiment.py goes further.
+and that ZO learns; experiments/zo_sentiment.py goes further.
 """
 
 import argparse

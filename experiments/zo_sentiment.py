@@ -1,10 +1,13 @@
 """MeZO's protocol on SmolLM2-135M + Rotten Tomatoes: ZO-SGD against zero-shot and AdamW.
 
   python experiments/zo_sentiment.py [--runs k16_lr1e-5 k512_lr1e-5 ...] [--steps 150]
-                                     [--quick]
+                                     [--halt_at N] [--no_zero_shot] [--quick]
 
-Each run name is ``k{K}_lr{LR}[_seed{S}][_adam][_n{N}]``: k-shot size per class, ZO learning
-rate, seed (the k-shot sample and the ZO seed, so repeats draw independent directions), ZO-Adam instead of ZO-SGD, N SPSA samples per step (n-SPSA). Every run
+Each run name is ``k{K}_lr{LR}[_seed{S}][_adam][_n{N}][_rad|_gauss]``: k-shot size per class,
+ZO learning rate, seed (the k-shot sample and the ZO seed, so repeats draw independent
+directions), ZO-Adam instead of ZO-SGD, N SPSA samples per step (n-SPSA), and the
+distribution of z (`zo.direction`: Rademacher, or Gaussian, which a name without the suffix
+also means: the runs recorded before directions existed). Every run
 is `configs/sentiment_zo.py` (eps 1e-3, batch 16, MeZO's settings) for `--steps` steps,
 evaluated every `--eval_every` steps on a fixed 400-sentence subset of the test split (the
 demo's subset; the AdamW baselines in BENCHMARKS.md use all 1000).
@@ -13,6 +16,9 @@ Runs go one after another in this process; after each one the script rewrites
 experiments/results/zo_sentiment.{json,png} (a table, and test accuracy against steps),
 keeping the runs already recorded there (a rerun of a name replaces its row), so a long
 background sweep leaves usable results at every point. Prints a final JSON line.
+A run resumes from its checkpoints: ``--halt_at N`` stops it after step N (evaluated there)
+and the same command with a larger N continues it, bit for bit; keep ``--steps`` and
+``--no_zero_shot`` the same for every part (they are part of the run's config).
 `--summarize` only rebuilds the results from the runs' metrics.jsonl, including runs that
 were stopped before their last step (marked "finished": false).
 """
@@ -39,28 +45,34 @@ from zojax.train import loop  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BASELINES = RESULTS / "baselines_sentiment.json"
-_NAME = re.compile(r"^k(?P<k>\d+)_lr(?P<lr>[0-9.e+-]+)(_seed(?P<seed>\d+))?(?P<adam>_adam)?"
-                   r"(_n(?P<n>\d+))?$")
+_NAME = re.compile(r"^k(?P<k>\d+)_lr(?P<lr>[0-9.e+-]+?)(_seed(?P<seed>\d+))?(?P<adam>_adam)?"
+                   r"(_n(?P<n>\d+))?(_(?P<direction>rad|gauss))?$")
+_DIRECTIONS = {"rad": "rademacher", "gauss": "gaussian", None: "gaussian"}
 
 
 def parse_name(name: str) -> dict:
-  """'k16_lr1e-5_seed1_adam_n4' -> {k, lr, seed, adam, num_samples}; one-line error if bad."""
+  """'k16_lr1e-5_seed1_adam_n4_rad' -> {k, lr, seed, adam, num_samples, direction}; one-line
+  error if bad."""
   m = _NAME.match(name)
   if not m:
-    raise SystemExit(f"run name {name!r} is not k<K>_lr<LR>[_seed<S>][_adam][_n<N>]")
+    raise SystemExit(f"run name {name!r} is not k<K>_lr<LR>[_seed<S>][_adam][_n<N>][_rad|_gauss]")
   return {"k": int(m["k"]), "lr": float(m["lr"]), "seed": int(m["seed"] or 0),
-          "adam": bool(m["adam"]), "num_samples": int(m["n"] or 1)}
+          "adam": bool(m["adam"]), "num_samples": int(m["n"] or 1),
+          "direction": _DIRECTIONS[m["direction"]]}
 
 
-def run(name: str, steps: int, eval_every: int, eval_limit: int, workroot: pathlib.Path):
+def run(name: str, steps: int, eval_every: int, eval_limit: int, workroot: pathlib.Path,
+        halt_at: int | None = None, zero_shot: bool = True):
   spec = parse_name(name)
   arg = (f"k={spec['k']},kshot_seed={spec['seed']},steps={steps},lr={spec['lr']}"
          + (",adam" if spec["adam"] else ""))
   config = config_lib.load(f"configs/sentiment_zo.py:{arg}")
   config_lib.override(config, [
-      f"seed={spec['seed']}", f"zo.num_samples={spec['num_samples']}", f"train.eval_every={eval_every}",
+      f"seed={spec['seed']}", f"zo.num_samples={spec['num_samples']}",
+      f"zo.direction={spec['direction']}", f"train.eval_every={eval_every}",
       f"train.checkpoint_every={eval_every}", f"task.eval_limit={eval_limit}",
-      "task.eval_splits=('test',)", "train.progress=False"])
+      "task.eval_splits=('test',)", "train.progress=False", f"train.eval_at_start={zero_shot}",
+      f"train.halt_at_step={halt_at}"])
   t0 = time.perf_counter()
   result = loop.train(config, workroot / name)
   result.pop("state", None)
@@ -84,7 +96,8 @@ def row(name: str, result: dict | None, workroot: pathlib.Path) -> dict:
   points = curve(workroot / name) if (workroot / name / "metrics.jsonl").exists() else []
   last = points[-1] if points else (0, None)
   return {
-      "run": name, **parse_name(name), "finished": result is not None,
+      "run": name, **parse_name(name),
+      "finished": result is not None and not result.get("halted_early"),
       "steps": result["steps"] if result else last[0],
       "zero_shot_acc": points[0][1] if points and points[0][0] == 0 else None,
       "best_acc": max(a for _, a in points) if points else None,
@@ -104,9 +117,16 @@ def summarize(rows: dict) -> dict:
 
 def plot(summary: dict, path: pathlib.Path):
   fig, ax = plt.subplots(figsize=(7, 4))
+  # Every run starts from the same weights on the same sentences: runs that skipped the
+  # step-0 evaluation (--no_zero_shot) start from the others' zero-shot accuracy.
+  zero_shot = next((r["zero_shot_acc"] for r in summary["table"] if r["zero_shot_acc"]), None)
   for row in summary["table"]:
-    steps, accs = zip(*row["curve"]) if row["curve"] else ((), ())
-    ax.plot(steps, accs, marker="o", ms=3, label=row["run"])
+    curve = row["curve"]
+    if curve and curve[0][0] != 0 and zero_shot is not None:
+      curve = [(0, zero_shot), *curve]
+    steps, accs = zip(*curve) if curve else ((), ())
+    ax.plot(steps, accs, marker="o", ms=3, label=row["run"],
+            ls="--" if row.get("direction") == "gaussian" and "_gauss" in row["run"] else "-")
   base = summary["adamw_baselines_1000_test"]
   for key, style, label in (("adamw_k16_test_accuracy_mean", ":", "AdamW k=16 (50 steps)"),
                             ("adamw_k512_test_accuracy", "--", "AdamW k=512 (150 steps)")):
@@ -130,6 +150,10 @@ def main():
   parser.add_argument("--eval_every", type=int, default=50)
   parser.add_argument("--eval_limit", type=int, default=400)
   parser.add_argument("--workroot", default="runs/zo_sentiment")
+  parser.add_argument("--halt_at", type=int, default=None,
+                      help="stop after this step (evaluated); rerun with a larger one to go on")
+  parser.add_argument("--no_zero_shot", action="store_true",
+                      help="skip the step-0 evaluation (zero-shot: 0.5025 on the subset)")
   parser.add_argument("--quick", action="store_true", help="2 steps, 16 eval sentences")
   parser.add_argument("--summarize", action="store_true",
                       help="only rebuild the results files from the runs' metrics.jsonl")
@@ -160,7 +184,8 @@ def main():
     write()
   else:
     for name in args.runs:
-      results[name] = run(name, steps, eval_every, eval_limit, workroot)
+      results[name] = run(name, steps, eval_every, eval_limit, workroot, halt_at=args.halt_at,
+                          zero_shot=not args.no_zero_shot)
       rows[name] = row(name, results[name], workroot)
       write()
       logging.info("%s: final test acc %.3f", name, results[name]["final_eval"]["test/accuracy"])
