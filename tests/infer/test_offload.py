@@ -81,6 +81,8 @@ def test_bit_identical_to_resident_and_bytes_equal_the_simulator(model, name, sl
     assert engine.report() == sim.report
   else:
     assert engine.report()["prefill"]["overall"]["precision"] < 0.5
+  held = engine.device_bytes()["expert_pools"]
+  assert held == sum(slots) * store.expert_nbytes("full")
   if name == "lod":  # each call moves exactly the experts it needs
     needed = sum(len(np.unique(e)) for e in out.trace.prefill_experts) + sum(
         len(np.unique(e)) for step in out.trace.decode_experts for e in step)
@@ -104,6 +106,7 @@ def test_quantised_experts_change_results_and_move_fewer_bytes(model):
     assert engine.bytes_moved()["calls"] < full.bytes_moved()["calls"]
     if quant == "hybrid":
       assert engine.report()["prefill"]["bytes"].get("prefetch/int2")
+      assert engine.device_bytes()["expert_pools"] == 0   # zero cache: no slots at all
     store.close()
   s0.close()
 

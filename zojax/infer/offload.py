@@ -209,12 +209,17 @@ class OffloadEngine:
     c = self.config
     self.L, self.E, self.K = c.base.num_layers, c.num_experts, c.top_k
     self.resident, self.rank_hook, self.max_len = resident, rank_hook, max_len
-    self.params = jax.device_put(non_expert_params(params))
+    # Everything the compiled pieces take lives on the store's device, committed: mixing
+    # committed and uncommitted inputs would compile each piece once per combination.
+    self.device = (store.device_sharding if store is not None and not resident
+                   else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    self.params = jax.device_put(non_expert_params(params), self.device)
     self.layers = [jax.tree.map(lambda x, l=l: x[l], self.params["blocks"])
                    for l in range(self.L)]
-    self.bias = [jnp.asarray(model_state["bias"][l]) for l in range(self.L)]
+    self.bias = [jax.device_put(jnp.asarray(model_state["bias"][l]), self.device)
+                 for l in range(self.L)]
     if resident:
-      self._stacks = {leaf: jnp.asarray(params["blocks"][name])
+      self._stacks = {leaf: jax.device_put(params["blocks"][name], self.device)
                       for leaf, name in EXPERT_LEAVES.items()}
       self.store = self.policy = self.scheduler = self.pool = None
       return
@@ -286,6 +291,16 @@ class OffloadEngine:
     return {"setup": self._moved_after_warm - self._moved_before,
             "calls": now - self._moved_after_warm}
 
+  def device_bytes(self) -> dict:
+    """Device bytes this engine holds for weights: the non-expert params and the slot pools.
+
+    In 'hybrid' mode every cache slot exists in both INT4 and INT2 (a slot keeps the format
+    its expert arrived in), so the pools hold more than a plan sized in INT4 slots budgets.
+    """
+    pools = 0 if self.resident else self.pool.nbytes
+    experts = tree_bytes(self._stacks) if self.resident else 0
+    return {"non_expert": tree_bytes(self.params), "expert_pools": pools + experts}
+
   def _weights(self, layer: int, expert: int) -> tuple[dict, tuple]:
     """One expert's device arrays, sliced out eagerly, and its format's static facts."""
     if self.resident:
@@ -339,7 +354,8 @@ class OffloadEngine:
                                   self.bias[l + 1], h)
           self._perform(sched.prefetch(phase, l + 1, rank))
       gates_ExT = _gates_per_expert(experts, gates, self.E)
-      y = jnp.zeros(h.shape, jnp.float32 if h.dtype == jnp.float32 else h.dtype)
+      y = jnp.zeros(h.shape, jnp.float32 if h.dtype == jnp.float32 else h.dtype,
+                    device=self.device)
       for e in unique:  # ascending id: the canonical summation order
         weights, facts = self._weights(l, int(e))
         y = _contribution(y, h, gates_ExT, np.int32(e), weights, facts)
@@ -357,8 +373,8 @@ class OffloadEngine:
     b = self.config.base
     shape = (batch, self.max_len, b.num_kv_heads, b.head_dim)
     dtype = jnp.dtype(b.dtype)
-    return ([jnp.zeros(shape, dtype) for _ in range(self.L)],
-            [jnp.zeros(shape, dtype) for _ in range(self.L)])
+    return ([jnp.zeros(shape, dtype, device=self.device) for _ in range(self.L)],
+            [jnp.zeros(shape, dtype, device=self.device) for _ in range(self.L)])
 
   def _check_prompts(self, prompts, new_tokens: int) -> np.ndarray:
     tokens = np.asarray(prompts)
@@ -386,7 +402,8 @@ class OffloadEngine:
     cache = self._new_cache(B)
     prefill = {"experts": [], "gate_rank": [], "true_rank": []}
     positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-    x = self._run("prefill", jnp.asarray(tokens), jnp.asarray(positions), cache, prefill)
+    put = lambda a: jax.device_put(np.ascontiguousarray(a), self.device)
+    x = self._run("prefill", put(tokens), put(positions), cache, prefill)
     prefill_logits = np.asarray(_logits(self.config, self.params, x))
     out = []
     decode = {"experts": [], "gate_rank": [], "true_rank": []}
@@ -396,7 +413,7 @@ class OffloadEngine:
     for s in range(max_new_tokens - 1):
       step = {"experts": [], "gate_rank": [], "true_rank": []}
       pos = np.full((B, 1), T + s, np.int32)
-      x = self._run("decode", jnp.asarray(out[-1][:, None]), jnp.asarray(pos), cache, step)
+      x = self._run("decode", put(out[-1][:, None]), put(pos), cache, step)
       logits = np.asarray(_logits(self.config, self.params, x))[:, 0]
       decode_logits.append(logits)
       out.append(logits.argmax(-1).astype(np.int32))
