@@ -475,7 +475,7 @@ def cpu_times(subject: Subject, prompt_len: int, decode_steps: int, reps: int,
 
   weights = {leaf: jnp.asarray(subject.params["blocks"][name][0, 0])
              for leaf, name in offload.EXPERT_LEAVES.items()}
-  facts = offload.OffloadEngine._facts_full()
+  facts = offload.FULL_FACTS
   per_expert = min(prompt_len * K, math.ceil(prompt_len * K / E))
 
   def expert(n):

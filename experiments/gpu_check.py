@@ -470,7 +470,7 @@ def measure_fate(smoke: bool, deadline: float, record) -> dict:
     y = jnp.zeros(h.shape, jnp.float32)
     row = {"attention_router_s": _median_seconds(front, reps=reps)}
     for fmt, weights, facts in (
-        ("full", expert, tuple((leaf, ()) for leaf in sorted(expert))),
+        ("full", expert, offload.FULL_FACTS),
         ("int4", {k: {"packed": q.packed, "scale": q.scale, "zero": q.zero}
                   for k, q in int4.items()},
          tuple(sorted((k, tuple(sorted({"bits": q.bits, "group": q.group, "k": q.k,

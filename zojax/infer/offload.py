@@ -57,6 +57,7 @@ FORMATS = ("full", "int4", "int2")
 BITS = {"int4": 4, "int2": 2}
 # Store leaf name -> the MoE decoder's parameter name (blocks, stacked [L, E, ...]).
 EXPERT_LEAVES = {"gate": "expert_gate", "up": "expert_up", "down": "expert_down"}
+FULL_FACTS = tuple((leaf, ()) for leaf in sorted(EXPERT_LEAVES))  # no quantised leaves
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ class OffloadEngine:
     self._facts = {fmt: tuple(sorted((leaf, tuple(sorted(f.items())))
                                      for leaf, f in store.meta["quant"][fmt].items()))
                    for fmt in store.formats}
-    self._facts["full"] = tuple((leaf, ()) for leaf in sorted(EXPERT_LEAVES))
+    self._facts["full"] = FULL_FACTS
     formats = self._policy_formats(policy)
     self.scheduler = Scheduler(policy, {f: store.expert_nbytes(f) for f in store.formats},
                                num_experts=self.E, top_k=self.K)
@@ -304,8 +305,7 @@ class OffloadEngine:
   def _weights(self, layer: int, expert: int) -> tuple[dict, tuple]:
     """One expert's device arrays, sliced out eagerly, and its format's static facts."""
     if self.resident:
-      return ({leaf: s[layer, expert] for leaf, s in self._stacks.items()},
-              self._facts_full())
+      return ({leaf: s[layer, expert] for leaf, s in self._stacks.items()}, FULL_FACTS)
     where = self.scheduler.locate(layer, expert)
     if where.dest == "transient":
       fmt, tree = self._transient[layer][where.slot]
@@ -313,20 +313,16 @@ class OffloadEngine:
     tree = self.pool.slots(layer, where.fmt)
     return jax.tree.map(lambda a: a[where.slot], tree), self._facts[where.fmt]
 
-  @staticmethod
-  def _facts_full():
-    return tuple((leaf, ()) for leaf in sorted(EXPERT_LEAVES))
-
   # -- running
 
-  def _predict(self, phase, layer, router, bias, h):
-    if self.resident or self.policy.predictor == "none":
-      return np.zeros((h.shape[0], 0), np.int32), None
-    rank = np.asarray(_gate_rank(self.config, router, bias, h))
-    recorded = rank
+  def _prediction(self, phase, layer, gate_rank):
+    """What the scheduler is told layer `layer` will need: the gate's ranking (through
+    `rank_hook` if given), or nothing for predictor 'none'."""
+    if self.policy.predictor == "none":
+      return np.zeros((gate_rank.shape[0], 0), np.int32)
     if self.rank_hook is not None:
-      rank = np.asarray(self.rank_hook(phase, layer, rank), np.int32)
-    return rank, recorded
+      return np.asarray(self.rank_hook(phase, layer, gate_rank), np.int32)
+    return gate_rank
 
   def _run(self, phase: str, tokens_BxT, positions_BxT, cache, record: dict):
     """All layers on new tokens: the last layer's output x; `cache` updated in place."""
@@ -335,9 +331,8 @@ class OffloadEngine:
     sched = self.scheduler
     h0 = _first_gate_input(c, self.layers[0], x)
     gate_rank = np.asarray(_gate_rank(c, self.layers[0]["router"], self.bias[0], h0))
-    rank, _ = self._predict(phase, 0, self.layers[0]["router"], self.bias[0], h0)
     if sched:
-      self._perform(sched.prefetch(phase, 0, rank))
+      self._perform(sched.prefetch(phase, 0, self._prediction(phase, 0, gate_rank)))
     for l in range(self.L):
       p = self.layers[l]
       x, cache[0][l], cache[1][l], h, experts, gates, true_rank = _front(
@@ -350,9 +345,8 @@ class OffloadEngine:
       if l + 1 < self.L:
         next_rank = np.asarray(_gate_rank(c, self.layers[l + 1]["router"], self.bias[l + 1], h))
         if sched:
-          rank, _ = self._predict(phase, l + 1, self.layers[l + 1]["router"],
-                                  self.bias[l + 1], h)
-          self._perform(sched.prefetch(phase, l + 1, rank))
+          self._perform(sched.prefetch(phase, l + 1,
+                                       self._prediction(phase, l + 1, next_rank)))
       gates_ExT = _gates_per_expert(experts, gates, self.E)
       y = jnp.zeros(h.shape, jnp.float32 if h.dtype == jnp.float32 else h.dtype,
                     device=self.device)
@@ -453,5 +447,5 @@ def resident_bytes(config: moe.MoEConfig, params) -> int:
   return tree_bytes(non_expert_params(params))
 
 
-__all__ = ["EXPERT_LEAVES", "FORMATS", "Generation", "OffloadEngine", "expert_formats",
+__all__ = ["EXPERT_LEAVES", "FORMATS", "FULL_FACTS", "Generation", "OffloadEngine", "expert_formats",
            "non_expert_params", "resident_bytes", "tree_bytes", "write_expert_store"]
