@@ -51,7 +51,7 @@ def child_env(devices_per_process: int, base: dict | None = None) -> dict:
 # the coordination service warns that recoverable mode drops its shutdown barrier (zojax
 # `distributed.finish` keeps one).
 # gloo's threads write unsynchronized, so its lines may come interleaved: match the pieces.
-_NOISE = re.compile(rb"\[Gloo\] Rank |is connected to \d+ peer ranks"
+_NOISE = re.compile(rb"\[Gloo\] Rank |is connected to \d+ peer ranks|peer ranks\. Expected"
                     rb"|^W\d{4} .*Using experimental recoverable task feature")
 
 

@@ -6,9 +6,11 @@ process), so each combines as many checks as its runs allow. The reference for t
 that all-reduce (first-order, dense ZO) is 1 process through the launcher: it uses the same
 CPU collectives (gloo) as 2, while a plain single-process CPU run uses XLA's in-process
 all-reduce, whose float sums round differently (the README says so). The streamed engine
-moves only exact all-gathers, so its reference is the plain single-process run.
+moves only exact all-gathers, so its reference is the plain single-process run. MoE expert
+parallelism runs as 2 processes x 1 device, its experts split between them.
 """
 
+import base64
 import json
 import os
 import pathlib
@@ -46,7 +48,9 @@ def _env(cache, devices=None):
 
 
 def _run_args(workdir, opt, *overrides):
-  return ["--config", CONFIG.format(opt), "--workdir", str(workdir),
+  """`opt` names an optimizer of CONFIG, or is a whole ``--config`` value (has a '/')."""
+  config = opt if "/" in opt else CONFIG.format(opt)
+  return ["--config", config, "--workdir", str(workdir),
           "--heartbeat_timeout", str(HEARTBEAT), *overrides]
 
 
@@ -63,11 +67,11 @@ def _launch(cache, processes, devices, workdir, opt, *overrides, ok=True):
   return proc
 
 
-def _plain(cache, workdir, opt):
-  """1 process, 8 devices, no coordinator: XLA's in-process collectives."""
-  proc = subprocess.run([sys.executable, "-m", "zojax.run", *_run_args(workdir, opt)],
-                        cwd=REPO, env=_env(cache, devices=8), capture_output=True, text=True,
-                        timeout=600)
+def _plain(cache, workdir, opt, *overrides, devices=8):
+  """1 process, 8 devices (default), no coordinator: XLA's in-process collectives."""
+  cmd = [sys.executable, "-m", "zojax.run", *_run_args(workdir, opt, *overrides)]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(cache, devices=devices), capture_output=True,
+                        text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -110,18 +114,19 @@ def _losses(workdir):
   return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
 
 
-def _assert_same_run(ref, other, steps=(6,)):
-  """Bit-identical weights, optimizer state and step at `steps`, and the same losses."""
+def _assert_same_run(ref, other, steps=(6,), checkpoints=(3, 6)):
+  """Bit-identical weights, optimizer state and step at `steps`, and the same losses (one
+  per step up to the last of the run's `checkpoints`)."""
   for step in steps:
     a, b = jax.tree.leaves(_state(ref, step)), jax.tree.leaves(_state(other, step))
     assert len(a) == len(b) > 10
     for x, y in zip(a, b):
       assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), step
   assert _losses(other) == _losses(ref)
-  assert [step for step, _ in _losses(ref)] == [1, 2, 3, 4, 5, 6]
+  assert [step for step, _ in _losses(ref)] == list(range(1, checkpoints[-1] + 1))
   # Not vacuous: training moved the weights between the checkpoints.
-  moved = [not np.array_equal(x, y) for x, y in
-           zip(jax.tree.leaves(_state(ref, 3)), jax.tree.leaves(_state(ref, 6)))]
+  moved = [not np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(_state(ref, checkpoints[0])), jax.tree.leaves(_state(ref, checkpoints[1])))]
   assert sum(moved) > len(moved) // 2, moved
 
 
@@ -200,6 +205,36 @@ def test_streamed_zo_two_processes_match_plain_one_process(cache, tmp_path):
   _plain(cache, tmp_path / "ref", "zo_sgd,stream")
   _launch(cache, 2, 4, tmp_path / "run", "zo_sgd,stream")
   _assert_same_run(tmp_path / "ref", tmp_path / "run", steps=(3, 6))
+
+
+@pytest.mark.slow
+def test_moe_expert_parallel_across_two_processes_matches_one(cache, tmp_path):
+  """MoE with its 8 experts sharded over an "expert" mesh axis that spans 2 processes x 1
+  device (tokens exchanged by all_to_all between the processes): the same losses and
+  weights, bit for bit, as a plain 1 process x 2 devices run. A plain run can be the
+  reference here: a 2-way all-reduce adds two values, which rounds alike in either order.
+  (configs/moe_lm.py:tiny, the cached corpus; 4 steps, checkpoints at 2 and 4.)"""
+  config = "configs/moe_lm.py:tiny,ep=2"
+  _plain(cache, tmp_path / "ref", config, "train.eval_at_start=False", devices=2)
+  _launch(cache, 2, 1, tmp_path / "run", config, "train.eval_at_start=False",
+          "train.progress=False")
+  _assert_same_run(tmp_path / "ref", tmp_path / "run", steps=(2, 4), checkpoints=(2, 4))
+  # Really split between the processes: 2 processes of 1 device each, experts over 2.
+  assert _expert_axes(tmp_path / "run") == _expert_axes(tmp_path / "ref") == {("expert", 2)}
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert results["processes"] == 2 and results["devices"].startswith("2 x "), results
+
+
+def _expert_axes(workdir):
+  """{(mesh axis, its size)} the expert weights are split over, from the shardings the
+  step-4 checkpoint recorded."""
+  path = pathlib.Path(workdir) / "checkpoints" / "4" / "state" / "_sharding"
+  out = set()
+  for name, text in json.loads(path.read_text()).items():
+    if b".expert_" in base64.b64decode(name):
+      s = json.loads(text)
+      out |= {(a, s["shape"][s["axis_names"].index(a)]) for a in s["partition_spec"] if a}
+  return out
 
 
 def test_bad_config_in_one_process_stops_the_group(cache, tmp_path):

@@ -167,7 +167,8 @@ def test_a_stopped_watchdog_is_quiet():
 
 def test_launcher_prefixes_lines_keeps_redraws_and_drops_gloo_noise():
   src = io.BufferedReader(io.BytesIO(
-      b"step 1\r step 2\r[Gloo] Rank 3 is connected to 7 peer ranks. Expected 7\nlast"))
+      b"step 1\r step 2\r[Gloo] Rank 3 is connected to 7 peer ranks. Expected 7\n"
+      b"1 peer ranks. Expected number of connected peer ranks is : 1\nlast"))  # a torn one
   out = io.BytesIO()
   launch._pump(src, out, b"[1] ", threading.Lock())
   assert out.getvalue() == b"[1] step 1\r[1]  step 2\r[1] last\n"
