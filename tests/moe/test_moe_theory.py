@@ -2,11 +2,13 @@
 
 One synthetic batch (n=256 tokens, E=8, K=2, skewed sigmoid scores), its exact LP optimum and
 its whole dual-optimal price box from `zojax.moe.lp`; full-batch trajectories route the same
-batch again and again, which is the deterministic dual subgradient method. Larger sizes, the
-online experiment and plots: experiments/alflb_theory.py.
+batch again and again, which is the deterministic dual subgradient method; the online check
+draws a fresh batch each step. Larger sizes, longer online runs and plots:
+experiments/alflb_theory.py.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -173,3 +175,35 @@ def test_dual_is_monotone_exactly_when_no_expert_overshoots(run, rule, u):
   else:
     assert went_up[:20].any()  # early overshoot: D rises although the step decays
     assert guaranteed[-1000:].all() and not went_up[-1000:].any()
+
+
+def test_online_pseudo_regret_is_logarithmic_for_a_large_one_over_t_step():
+  """Claim (iv) on i.i.d. batches (32 tokens, E=8): scores sigmoid(z) + a with z exchangeable
+  across experts, so the expected dual is F(b) = F0(b + a) and b* = -a is the best fixed bias.
+  F is estimated on a sample closed under cyclic expert shifts, where -a is exactly optimal
+  (every term of the pseudo-regret is >= 0). Log regret adds the same amount per doubling of
+  T, linear regret twice as much each time: u/(t+1) with u=0.3 is logarithmic, constant u
+  linear, and u/(t+1) with a too-small u=0.02 polynomial (the step-size condition)."""
+  steps, batch = 2048, 32
+  a = 0.2 * np.linspace(-1.0, 1.0, E)
+  z = jax.nn.sigmoid(jax.random.normal(jax.random.key(1000), (64, E)))
+  z_sym = jnp.concatenate([jnp.roll(z, r, axis=1) for r in range(E)])
+
+  @jax.jit
+  def expected_dual(b_SxE):
+    top, _ = jax.lax.top_k(z_sym[None] + b_SxE[:, None, :], K)
+    return top.sum(-1).mean(-1) - K / E * b_SxE.sum(-1)
+
+  best = float(expected_dual(np.zeros((1, E), np.float32))[0])
+  batches = (jax.nn.sigmoid(jax.random.normal(jax.random.key(0), (steps, batch, E)))
+             + np.float32(a))
+  growth = {}
+  for rule, u in (("decay_linear", 0.3), ("sign", 1e-2), ("decay_linear", 0.02)):
+    out = theory.online_trajectory(batches, K, moe.BalanceConfig(rule, u=u))
+    terms = batch * (np.asarray(expected_dual(out["bias"] + np.float32(a)), np.float64) - best)
+    assert terms.min() >= -1e-4, (rule, u)  # -a is the minimiser
+    r = np.cumsum(terms)
+    growth[rule, u] = (r[2047] - r[1023]) / (r[1023] - r[511])
+  assert growth["decay_linear", 0.3] < 1.4   # log T: ~1 per doubling
+  assert growth["sign", 1e-2] > 1.7          # linear: ~2
+  assert growth["decay_linear", 0.02] > 1.5  # too small a 1/t step: ~T^0.77, 2^0.77 = 1.7

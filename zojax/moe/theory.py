@@ -1,6 +1,6 @@
 """Synthetic routing problems and balancer trajectories for the primal-dual checks.
 
-Shared by tests/moe/test_theory.py and experiments/alflb_theory.py (docs/moe_balance_theory.md).
+Shared by tests/moe/test_moe_theory.py and experiments/alflb_theory.py (docs/moe_balance_theory.md).
 A trajectory routes with the current bias, records what the batch saw, then updates the bias
 from that batch's loads: the order a model uses (the new bias applies from the next batch).
 """
