@@ -17,7 +17,7 @@ Arg (comma-separated):
   seed=N, steps=N, batch=N
   tiny         a 2-layer, 8-expert model for a few steps at seq_len 32: plumbing check on CPU
 (default)      moe-small: 4 layers, d=192, 16 experts of width 128, top-2 (6.9M parameters,
-               2.9M active), on the corpus with ids mapped to the 4,096 most frequent,
+               2.8M active), on the corpus with ids mapped to the 4,096 most frequent,
                rows of 128 tokens; AdamW lr 3e-3, cosine with 10% warmup.
 """
 

@@ -4,7 +4,7 @@
   .venv/bin/python experiments/moe_balance.py --arms sign_1e-3 --steps 40   # a quick look
 
 Arms (configs/moe_lm.py, moe-small: 4 layers, d=192, 16 experts of width 128, top-2, sigmoid
-scores, gates renormalised; 6.9M parameters, 2.9M active): the dense LLaMA with the same
+scores, gates renormalised; 6.9M parameters, 2.8M active): the dense LLaMA with the same
 activated parameters; MoE with no balancing; the Switch/GShard auxiliary loss at alpha 1e-2 and
 1e-3; DeepSeek's loss-free sign rule at u 1e-3 and 1e-2; the proportional rule (the dual
 subgradient step, error / mean load) at u 1e-2; a decaying step u/sqrt(t+1). Every arm runs
