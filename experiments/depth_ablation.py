@@ -21,7 +21,10 @@ Each row is a `zojax.run` workdir under --workroot, so an interrupted sweep resu
 stopped (a finished row is only re-evaluated). After each row the script rewrites
 experiments/results/depth_ablation.json and .png (bars of the metrics) and
 depth_ablation_panels.png (input / GT / prediction / error for test rooms and the
-motorcycle, iDisc and baseline rows); each run's curves are in its workdir (curves.png).
+motorcycle, iDisc and baseline rows) and depth_ablation_curves.png (every row's training
+loss and test-set loss / d1 against step, also kept in the JSON under "curves").
+--curves_only adds the finished rows' curves to the JSON and redraws that plot (no training,
+no evaluation).
 --quick runs the tiny config for a few steps: the plumbing, end to end, in CPU minutes.
 --time_steps N only compiles every row's full-size training step and times N steps per row,
 interleaved in rounds in this one process (random batches, no data), into
@@ -119,7 +122,7 @@ def run_row(row: str, args, frame, test_set) -> tuple[dict, list[dict]]:
          "motorcycle_silog": motorcycle["silog"], "motorcycle_d1": motorcycle["d1"],
          "motorcycle_scale": motorcycle["scale"],
          "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
-         "workdir": str(workdir)}
+         "workdir": str(workdir), "curves": curves(workdir)}
   images = test_set["image"][:3]
   preds = np.asarray(predict(params, images))
   panels = [{"image": images[i], "depth": test_set["depth"][i], "pred": preds[i],
@@ -166,6 +169,42 @@ def time_steps(rows: list[str], steps: int, rounds: int = 3) -> dict:
           for row, v in med.items()}
 
 
+def curves(workdir: pathlib.Path) -> dict:
+  """The run's logged training loss and test-set evaluations (from its metrics.jsonl)."""
+  out = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "eval_d1": []}
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "train/loss" in record:
+      out["train_step"].append(record["step"])
+      out["train_loss"].append(record["train/loss"])
+    if "eval/test/loss" in record:
+      out["eval_step"].append(record["step"])
+      out["eval_loss"].append(record["eval/test/loss"])
+      out["eval_d1"].append(record["eval/test/d1"])
+  return out
+
+
+def plot_curves(rows: list[dict], path: pathlib.Path, title: str) -> None:
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  for i, r in enumerate(rows):
+    c, style = r["curves"], dict(color=f"C{i}", label=r["row"])
+    loss = np.asarray(c["train_loss"])
+    k = min(5, len(loss)) or 1  # points are logged every few steps; a short running mean
+    axes[0].plot(c["train_step"][k - 1:], np.convolve(loss, np.ones(k) / k, "valid"), **style)
+    axes[1].plot(c["eval_step"], c["eval_loss"], marker="o", ms=3, **style)
+    axes[2].plot(c["eval_step"], c["eval_d1"], marker="o", ms=3, **style)
+  for ax, (ylabel, sub) in zip(axes, (("SIlog loss", "train (running mean of 5 logged points)"),
+                                      ("SIlog loss", "rooms test set"),
+                                      ("d1", "rooms test set"))):
+    ax.set(xlabel="step", ylabel=ylabel, title=sub)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def plot_table(rows: list[dict], path: pathlib.Path, title: str) -> None:
   keys = COLUMNS + ("motorcycle_silog", "motorcycle_d1", "seconds_per_step")
   fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 3.4))
@@ -182,6 +221,11 @@ def plot_table(rows: list[dict], path: pathlib.Path, title: str) -> None:
   plt.close(fig)
 
 
+def curves_title(summary: dict) -> str:
+  return (f"iDisc ablation on rendered rooms: training curves ({summary['steps']} steps"
+          f"{', quick' if summary['quick'] else ''}, one seed)")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=0, help="0: the config's default")
@@ -189,6 +233,8 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true", help="tiny config (plumbing check)")
   ap.add_argument("--workroot", type=pathlib.Path, default=pathlib.Path("runs/depth_ablation"))
   ap.add_argument("--out", type=pathlib.Path, default=RESULTS / "depth_ablation")
+  ap.add_argument("--curves_only", action="store_true",
+                  help="only add the finished rows' curves to the results JSON and plot them")
   ap.add_argument("--time_steps", type=int, default=0,
                   help="only time N full-size training steps per row, side by side (no data)")
   args = ap.parse_args(argv)
@@ -203,6 +249,15 @@ def main(argv=None) -> int:
     if args.out == ap.get_default("out"):
       args.out = RESULTS / "depth_ablation_quick"
   args.out.parent.mkdir(parents=True, exist_ok=True)
+  if args.curves_only:
+    json_path = args.out.with_suffix(".json")
+    summary = json.loads(json_path.read_text())
+    for r in summary["rows"]:
+      r["curves"] = curves(pathlib.Path(r["workdir"]))
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(summary["rows"], args.out.with_name(args.out.name + "_curves.png"),
+                curves_title(summary))
+    return 0
   if args.time_steps:
     timing = {"timing": time_steps(rows, args.time_steps), "steps_timed": args.time_steps,
               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
@@ -241,6 +296,7 @@ def main(argv=None) -> int:
     plot_table(done, args.out.with_suffix(".png"),
                f"iDisc ablation on rendered rooms ({done[0]['steps']} steps"
                f"{', quick' if args.quick else ''}); motorcycle zero-shot, median-scaled")
+    plot_curves(done, args.out.with_name(args.out.name + "_curves.png"), curves_title(summary))
     if panel_rows:
       plots.panels(panel_rows, args.out.with_name(args.out.name + "_panels.png"))
   print(json.dumps({"rows": {r["row"]: {k: round(r[k], 4) if isinstance(r[k], float) else r[k]
