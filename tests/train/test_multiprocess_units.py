@@ -10,6 +10,7 @@ import pathlib
 import stat
 import sys
 import threading
+import types
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,33 @@ def test_slurm_is_detected_and_one_task_stays_single_process(monkeypatch):
   for k in env:
     monkeypatch.delenv(k)
   assert distributed.detect_cluster() is None
+
+
+@pytest.mark.parametrize("broken", [None, types.ModuleType("jax._src.clusters")],
+                         ids=["not importable", "api changed"])
+def test_cluster_env_without_jax_detection_is_a_one_line_error(broken, monkeypatch, capsys):
+  """A JAX whose private cluster detection is gone or changed: a 4-task SLURM step stops in
+  one line instead of running as 4 single-process runs; no cluster, or a 1-task step, still
+  runs single-process (the negative controls)."""
+  for k in ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+            "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(k, raising=False)
+  monkeypatch.setitem(sys.modules, "jax._src.clusters", broken)
+  assert distributed.detect_cluster() is None
+  monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert distributed.detect_cluster() is None
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert run.main(RUN) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(
+      "error: the environment names a SLURM step (SLURM_STEP_NODELIST, SLURM_NTASKS=4) of "
+      "several processes, but JAX's cluster detection (jax._src.clusters) is unusable"), err
+  assert "pass --coordinator_address, --num_processes and --process_id" in err
+  monkeypatch.delenv("SLURM_STEP_NODELIST")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")
+  with pytest.raises(ConfigError, match=r"Cloud TPU slice \(TPU_WORKER_HOSTNAMES lists 2"):
+    distributed.detect_cluster()
 
 
 def test_mesh_the_devices_cannot_form_names_the_key():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -115,14 +116,56 @@ def check_flags(args: argparse.Namespace) -> tuple[str | None, int | None, int |
 
 
 def detect_cluster() -> tuple[str, int] | None:
-  """(name, process count) of the cluster JAX would bootstrap from on its own, or None."""
+  """(name, process count) of the cluster JAX would bootstrap from on its own, or None.
+
+  JAX's detection is private (`jax._src.clusters`). Should a JAX upgrade move it, a run
+  whose environment names a multi-process cluster stops with a ConfigError rather than
+  running as that many separate single-process runs (`_cluster_from_env`).
+  """
   try:
-    from jax._src import clusters  # noqa: PLC0415  (JAX's own detection; no public API)
-  except ImportError:
-    return None
-  for env in clusters.ClusterEnv._cluster_types:  # noqa: SLF001
-    if not env.opt_in_only_method and env.is_env_present():
-      return env.__name__.removesuffix("Cluster"), int(env.get_process_count())
+    clusters = importlib.import_module("jax._src.clusters")
+    found = None
+    for env in clusters.ClusterEnv._cluster_types:  # noqa: SLF001
+      if not env.opt_in_only_method and env.is_env_present():
+        found = env.__name__.removesuffix("Cluster"), int(env.get_process_count())
+        break
+  except (ImportError, AttributeError) as e:
+    named = _cluster_from_env()
+    if named is None:
+      return None
+    raise ConfigError(
+        f"the environment names a {named} of several processes, but JAX's cluster "
+        f"detection (jax._src.clusters) is unusable in jax {jax.__version__} "
+        f"({type(e).__name__}: {_first_line(e)}): pass --coordinator_address, "
+        f"--num_processes and --process_id to each process (or --num_processes=1 to run "
+        f"each alone)") from None
+  return found
+
+
+# Variables by which JAX's detection recognises a cluster (with its own, stricter tests),
+# and the one giving the process count: (cluster, marker, count variable, or None where
+# the marker is a comma list of hosts). A Cloud TPU VM that JAX finds only through the GCE
+# metadata server is not among them.
+_CLUSTER_VARS = (("Open MPI run", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
+                 ("SLURM step", "SLURM_STEP_NODELIST", "SLURM_NTASKS"),
+                 ("Cloud TPU slice", "TPU_PROCESS_ADDRESSES", None),
+                 ("Cloud TPU slice", "TPU_WORKER_HOSTNAMES", None))
+
+
+def _cluster_from_env() -> str | None:
+  """'<cluster> (<variables>)' when the environment names a cluster of more than one
+  process (or does not say how many), else None."""
+  for name, marker, count_var in _CLUSTER_VARS:
+    if marker not in os.environ:
+      continue
+    if count_var is None:
+      count = str(len([h for h in os.environ[marker].split(",") if h.strip()]))
+      shown = f"{marker} lists {count} hosts"
+    else:
+      count = os.environ.get(count_var, "?")
+      shown = f"{count_var}={count}" if marker == count_var else f"{marker}, {count_var}={count}"
+    if count != "1":
+      return f"{name} ({shown})"
   return None
 
 
