@@ -14,6 +14,7 @@ it. Real clusters do not need it: see the README ("Many processes / pods").
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ import time
 
 # `zojax.train.distributed.STOPPED` (not imported: that module imports JAX).
 STOPPED = 3
+_LOST_COORDINATOR_WAIT = 5.0  # seconds the others get to stop once process 0 was killed
 
 
 def _free_port() -> int:
@@ -54,14 +56,51 @@ def child_env(devices_per_process: int, base: dict | None = None) -> dict:
 _NOISE = re.compile(rb"\[Gloo\] Rank |is connected to \d+ peer ranks|peer ranks\. Expected"
                     rb"|^W\d{4} .*Using experimental recoverable task feature")
 
+# When process 0 dies, the coordination service dies with it, and JAX's client in every other
+# process aborts that process at once (SIGABRT), racing zojax's watchdog, with a page of C++
+# log: jaxlib gives Python no hook to replace that (its client's `missed_heartbeat_callback`
+# cannot call a Python function: std::bad_cast). The launcher turns the page into the
+# watchdog's one line: the fatal line becomes it, the lines that lead up to it are dropped,
+# and so is all that follows (the process is aborting).
+_JAX_FATAL = re.compile(rb"^F\d{4} .*Terminating process because the JAX distributed service "
+                        rb"detected fatal errors.*?absl::Status: ([A-Z_]+)")
+_JAX_LEAD_UP = re.compile(rb"^[WE]\d{4} .*(preemption_sync_manager|Polled an error from "
+                          rb"coordination service)|^Additional GRPC error information|"
+                          rb"^:UNKNOWN:Error received from peer")
+_OWN_STOP = re.compile(rb"^error: process \d+ of \d+ stops: ")
 
-def _pump(stream, out, prefix: bytes, lock: threading.Lock) -> None:
-  """Copies a child's output to `out`, each line (or progress-bar redraw) prefixed."""
-  pending = b""
+
+def _jax_fatal_line(line: bytes, process: int, processes: int, address: str) -> bytes:
+  """The one line that stands for JAX's fatal page (`_JAX_FATAL`)."""
+  status = _JAX_FATAL.search(line).group(1).decode()
+  why = (f"lost the coordinator (process 0 at {address}): it was killed, crashed or is "
+         f"unreachable" if status == "UNAVAILABLE" and process != 0
+         else f"JAX's runtime aborted it ({status})")
+  return f"error: process {process} of {processes} stops: {why}\n".encode()
+
+
+def _pump(stream, out, prefix: bytes, lock: threading.Lock, fatal=None) -> None:
+  """Copies a child's output to `out`, each line (or progress-bar redraw) prefixed.
+
+  With `fatal` (a child's stderr), JAX's fatal page is replaced by the line `fatal(its
+  fatal line)`, or by nothing where the child already printed why it stops.
+  """
+  pending, stopped = b"", False
   while chunk := stream.read1(65536):
     pending += chunk
-    *done, pending = re.split(rb"(?<=[\r\n])", pending)
-    done = [piece for piece in done if piece and not _NOISE.search(piece)]
+    *pieces, pending = re.split(rb"(?<=[\r\n])", pending)
+    done = []
+    for piece in pieces:
+      if not piece or _NOISE.search(piece) or (fatal and _JAX_LEAD_UP.search(piece)):
+        continue
+      if fatal and _JAX_FATAL.search(piece):
+        done += [] if stopped else [fatal(piece)]
+        pending = b""
+        while stream.read1(65536):  # the rest of the page
+          pass
+        break
+      stopped |= bool(_OWN_STOP.match(piece))  # the watchdog's line (it may come first)
+      done.append(piece)
     if done:
       with lock:
         out.write(b"".join(prefix + piece for piece in done))
@@ -96,8 +135,11 @@ def launch(run_args: list[str], processes: int, devices_per_process: int, *,
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs.append(p)
     prefix = f"[{i}] ".encode()
-    for stream, out in ((p.stdout, sys.stdout.buffer), (p.stderr, sys.stderr.buffer)):
-      t = threading.Thread(target=_pump, args=(stream, out, prefix, lock), daemon=True)
+    fatal = functools.partial(_jax_fatal_line, process=i, processes=processes, address=address)
+    for stream, out, on_fatal in ((p.stdout, sys.stdout.buffer, None),
+                                  (p.stderr, sys.stderr.buffer, fatal)):
+      t = threading.Thread(target=_pump, args=(stream, out, prefix, lock, on_fatal),
+                           daemon=True)
       t.start()
       pumps.append(t)
   if on_start is not None:
@@ -113,8 +155,12 @@ def launch(run_args: list[str], processes: int, devices_per_process: int, *,
         running |= code is None
         if code and i not in failures:
           failures[i] = code
-          if deadline is None:  # killed: nobody will tell the others; else give them time
-            deadline = time.monotonic() + (grace if code > 0 else 0.0)
+          if deadline is None:  # give the others time to stop on their own, unless they
+            # cannot know: a killed process other than 0 is noticed only after the
+            # heartbeat timeout (a killed process 0 takes its coordination service along,
+            # and the others stop at once)
+            wait = grace if code > 0 else _LOST_COORDINATOR_WAIT if i == 0 else 0.0
+            deadline = time.monotonic() + wait
       if not running:
         break
       if deadline is not None and time.monotonic() >= deadline:

@@ -11,6 +11,7 @@ parallelism runs as 2 processes x 1 device, its experts split between them.
 """
 
 import base64
+import contextlib
 import json
 import os
 import pathlib
@@ -19,12 +20,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from zojax import launch
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = "configs/markov_lm.py:tiny,opt={}"   # 6 steps, checkpoints at 3 and 6
@@ -195,6 +199,47 @@ def test_dense_zo_process_killed_others_stop_resume_on_one_process(cache, tmp_pa
   assert not (run / "checkpoints" / "6").exists()
   _launch(cache, 1, 8, run, "zo_sgd")
   _assert_same_run(ref, run, steps=(3, 6))
+
+
+def test_coordinator_killed_the_other_stops_at_once_naming_it(cache, tmp_path, monkeypatch,
+                                                               capfd):
+  """Process 0 (it hosts the coordination service) SIGKILLed mid-run, through the launcher,
+  2 x 1 devices: process 1 ends within seconds, non-zero, with one error line saying it lost
+  process 0 (JAX's client aborts it at once, racing the watchdog's line; the launcher shows
+  JAX's page of C++ log as that line), and the launcher names process 0 (~16 s)."""
+  run = tmp_path / "run"
+  monkeypatch.chdir(REPO)
+  for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    monkeypatch.setenv(key, _env(cache)[key])
+  seen = {}
+
+  def kill_coordinator(procs):
+    def watch():
+      metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
+      while not (metrics.exists() and "train/loss" in metrics.read_text()):  # training
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+          return
+        time.sleep(0.02)
+      procs[0].kill()
+      killed = time.monotonic()
+      with contextlib.suppress(subprocess.TimeoutExpired):
+        procs[1].wait(timeout=60)
+        seen.update(status=procs[1].returncode, after=time.monotonic() - killed)
+    watcher.append(threading.Thread(target=watch, daemon=True))
+    watcher[0].start()
+
+  watcher = []
+  code = launch.launch(_run_args(run, "adamw"), 2, 1, on_start=kill_coordinator)
+  watcher[0].join(timeout=60)
+  err = capfd.readouterr().err
+  assert code == 128 + signal.SIGKILL, err[-3000:]
+  assert seen and seen["status"] != 0 and seen["after"] < 4, (seen, err[-3000:])
+  _one_error_line("\n".join(line.removeprefix("[1] ") for line in err.splitlines()
+                            if line.startswith("[1] ")),
+                  r"^error: process 1 of 2 stops: lost the coordinator \(process 0 at "
+                  r"127\.0\.0\.1:\d+\): it was killed, crashed or is unreachable$")
+  assert "Terminating process" not in err and "stack trace" not in err, err[-3000:]
+  assert err.splitlines()[-1] == "zojax.launch: process 0 of 2 was killed by SIGKILL; the run stopped"
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ watchdog's decisions (with a stand-in coordination client), the launcher's strea
 blame, and the markov task. The runs themselves are in test_multiprocess.py."""
 
 import argparse
+import functools
 import io
 import os
 import pathlib
@@ -158,6 +159,8 @@ class _Client:
     raise RuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out with key: {key}")
 
   def get_live_nodes(self, ids):
+    if self.lost:
+      raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
     return {i: 1 for i in self.live}
 
   def key_value_set(self, key, value):
@@ -174,17 +177,47 @@ class _Client:
 def test_watchdog_stops_this_process_naming_the_cause(client, why, monkeypatch, capsys):
   exits = []
 
-  def fake_exit(code):
-    exits.append(code)
+  def fake_exit(code, disconnect=True):
+    exits.append((code, disconnect))
     raise SystemExit
 
   monkeypatch.setattr(distributed, "_exit", fake_exit)
   dog = distributed._Watchdog(client, distributed.Group(0, 2, "flags", "10.0.0.1:99"), 10)
   with pytest.raises(SystemExit):
     dog.run()
-  assert exits == [distributed.STOPPED]
+  # Process 0 gone: nothing to disconnect from (the call would hang), leave at once.
+  assert exits == [(distributed.STOPPED, "coordinator" not in why)]
   assert capsys.readouterr().err == f"error: process 0 of 2 stops: {why}\n"
   assert (f"{distributed._ACK_KEY}0" in client.kv) == ("boom" in why)  # read: acknowledged
+
+
+@pytest.mark.parametrize("lost, line", [
+    (True, "error: process 1 of 2 stops: lost the coordinator (process 0 at 10.0.0.1:99): it "
+           "was killed, crashed or is unreachable\n"),
+    (False, "error: process 1 of 2: ValueError: UNKNOWN: Gloo AllGather failed\n"),
+])
+def test_a_collective_failing_because_process_0_died_names_process_0(lost, line, monkeypatch,
+                                                                    capsys):
+  """gloo fails the step at once when process 0 dies, before the watchdog hears of it: the
+  process says it lost the coordinator (no traceback), not its own error; with process 0
+  alive (the control) the error is its own."""
+  grp = distributed.Group(1, 2, "flags", "10.0.0.1:99")
+  exits = []
+
+  def fake_exit(code, disconnect=True):
+    exits.append(code)
+    raise SystemExit
+
+  monkeypatch.setattr(distributed, "_exit", fake_exit)
+  monkeypatch.setattr(distributed, "_group", grp)
+  monkeypatch.setattr(distributed, "_watchdog", distributed._Watchdog(_Client(lost=lost), grp, 10))
+  client = distributed._watchdog.client
+  with pytest.raises(SystemExit):
+    distributed.fail_unexpected(ValueError("UNKNOWN: Gloo AllGather failed\nmore"))
+  assert exits == [distributed.STOPPED if lost else 1]
+  err = capsys.readouterr().err
+  assert err == line if lost else err.startswith("ValueError: UNKNOWN") and err.endswith(line)
+  assert ("zojax/error" in client.kv) != lost  # its own error is posted to the others
 
 
 def test_a_stopped_watchdog_is_quiet():
@@ -203,6 +236,42 @@ def test_launcher_prefixes_lines_keeps_redraws_and_drops_gloo_noise():
   env = launch.child_env(4, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_x=1"})
   assert env["XLA_FLAGS"] == "--xla_x=1" and env["JAX_NUM_CPU_DEVICES"] == "4"
   assert env["JAX_PLATFORMS"] == "cpu" and env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
+
+
+_JAX_PAGE = (  # what JAX's client printed as it aborted process 1 of 2 (process 0 killed)
+    b"W1129 19:08:05.498952    2073 preemption_sync_manager.cc:147] Failed to retrieve "
+    b"preemption notice from coordination service\n"
+    b"Additional GRPC error information from remote target coordination_service while "
+    b"calling /xla.coordination.CoordinationService/GetKeyValue:\n"
+    b":UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:\"Socket closed\"}\n"
+    b"E1129 19:08:05.500590    2073 coordination_service_agent.cc:289] Polled an error from "
+    b"coordination service (this can be an error from this or another task).\n"
+    b"F1129 19:08:05.500641    2073 client.h:80] Terminating process because the JAX "
+    b"distributed service detected fatal errors. This most likely indicates that another "
+    b"task died. absl::Status: UNAVAILABLE: Failed to send RPC to coordination service.\n"
+    b"*** Check failure stack trace: ***\n"
+    b"    @     0x7f69bbe40634  absl::log_internal::LogMessage::SendToLog()\n")
+
+
+@pytest.mark.parametrize("first, shown", [
+    (b"", b"[1] error: process 1 of 2 stops: lost the coordinator (process 0 at h:1): it was "
+          b"killed, crashed or is unreachable\n"),
+    (b"error: process 1 of 2 stops: lost the coordinator (watchdog)\n",   # no second line
+     b"[1] error: process 1 of 2 stops: lost the coordinator (watchdog)\n"),
+])
+def test_launcher_shows_jax_fatal_page_as_the_watchdog_line(first, shown):
+  fatal = functools.partial(launch._jax_fatal_line, process=1, processes=2, address="h:1")
+  out = io.BytesIO()
+  launch._pump(io.BufferedReader(io.BytesIO(b"step 3\n" + first + _JAX_PAGE)), out, b"[1] ",
+               threading.Lock(), fatal)
+  assert out.getvalue() == b"[1] step 3\n" + shown
+  other = next(line for line in _JAX_PAGE.splitlines() if line.startswith(b"F"))
+  other = other.replace(b"UNAVAILABLE: Failed", b"INTERNAL: Failed")
+  assert launch._jax_fatal_line(other, 1, 2, "h:1") == (
+      b"error: process 1 of 2 stops: JAX's runtime aborted it (INTERNAL)\n")
+  plain = io.BytesIO()  # stdout, or a launcher without `fatal`: the page passes unchanged
+  launch._pump(io.BufferedReader(io.BytesIO(_JAX_PAGE)), plain, b"", threading.Lock())
+  assert plain.getvalue() == _JAX_PAGE
 
 
 def _fake_python(tmp_path, body):

@@ -22,6 +22,11 @@ Every process runs the same program on its own devices. What differs per process
     the process, instead of hanging in a collective. JAX's recoverable mode keeps the
     runtime from aborting the survivors on its own (with a page of C++ log), so the
     watchdog decides; `finish` then replaces the shutdown barrier that mode drops.
+    Except when process 0 dies: the coordination service goes with it, and JAX's client
+    aborts every other process within a fraction of a second (SIGABRT, with that page),
+    often before the watchdog has printed "lost the coordinator". jaxlib gives Python no
+    hook there (its client's ``missed_heartbeat_callback`` fails to call a Python function:
+    std::bad_cast, jax 0.10); `zojax.launch` shows the page as the watchdog's line.
 """
 
 from __future__ import annotations
@@ -217,17 +222,28 @@ def label() -> str:
 def fail(message: str, code: int) -> int:
   """Reports this process's error in one line and stops the group; returns `code` (single
   process) or exits the process with it (many: after the others have read the error)."""
-  print(f"error: {label()}{message}", file=sys.stderr, flush=True)
   if _watchdog is None:
+    _say(f"error: {label()}{message}")
     return code
-  _watchdog.report(f"process {_group.process_id} of {_group.num_processes} failed: {message}")
-  _exit(code)
+  if not _ending.acquire(blocking=False):
+    threading.Event().wait()  # the watchdog is ending this process already, saying why
+  try:
+    _say(f"error: {label()}{message}")
+    _watchdog.report(f"process {_group.process_id} of {_group.num_processes} failed: "
+                     f"{message}")
+    _exit(code)
+  finally:
+    _ending.release()  # reached only where `_exit` returns (stubbed out in tests)
 
 
 def fail_unexpected(e: BaseException) -> int:
   """`fail` for an exception nobody expected: its traceback here, its last line to all."""
   if _watchdog is None:
     raise e
+  if _group.process_id != 0 and _watchdog.coordinator_gone():
+    # Process 0 died: collectives with it fail at once (gloo: "Connection reset by peer",
+    # a ValueError), before the watchdog hears of it. Name the cause, not the symptom.
+    _watchdog.lost_coordinator()
   if isinstance(e, jax.errors.JaxRuntimeError):
     # A collective that lost a peer fails first (gloo: "Connection reset by peer"), not
     # naming it: give the watchdog time to see which process died (it then exits here).
@@ -349,14 +365,13 @@ class _Watchdog(threading.Thread):
         if self.stopping.is_set():
           return
         if "DEADLINE_EXCEEDED" not in str(e):
-          self._stop_here(f"lost the coordinator (process 0 at {self.group.coordinator}): "
-                          f"it was killed, crashed or is unreachable")
+          self.lost_coordinator()
         try:
           live = self.client.get_live_nodes(everyone)
         except Exception:  # noqa: BLE001
           if self.stopping.is_set():
             return
-          self._stop_here(f"lost the coordinator (process 0 at {self.group.coordinator})")
+          self.lost_coordinator()
         dead = sorted(set(everyone) - set(live))
         if dead and not self.stopping.is_set():
           self._stop_here(f"process {dead[0]} of {self.group.num_processes} stopped responding "
@@ -368,10 +383,28 @@ class _Watchdog(threading.Thread):
         self.client.key_value_set(f"{_ACK_KEY}{self.group.process_id}", "1")
       self._stop_here(message)
 
-  def _stop_here(self, why: str) -> NoReturn:
-    print(f"error: process {self.group.process_id} of {self.group.num_processes} stops: {why}",
-          file=sys.stderr, flush=True)
-    _exit(STOPPED)
+  def _stop_here(self, why: str, *, disconnect: bool = True) -> NoReturn:
+    if not _ending.acquire(blocking=False):
+      threading.Event().wait()  # another thread is ending this process already
+    try:
+      _say(f"error: process {self.group.process_id} of {self.group.num_processes} stops: "
+           f"{why}")
+      _exit(STOPPED, disconnect=disconnect)
+    finally:
+      _ending.release()  # reached only where `_exit` returns (stubbed out in tests)
+
+  def coordinator_gone(self) -> bool:
+    """Whether the coordination service (in process 0) no longer answers."""
+    try:
+      self.client.get_live_nodes([0])
+    except Exception:  # noqa: BLE001
+      return True
+    return False
+
+  def lost_coordinator(self) -> NoReturn:
+    """Stops this process: process 0 is gone, and with it the service to disconnect from."""
+    self._stop_here(f"lost the coordinator (process 0 at {self.group.coordinator}): it was "
+                    f"killed, crashed or is unreachable", disconnect=False)
 
   def report(self, message: str) -> None:
     """Posts this process's error and waits (bounded) until the others have read it."""
@@ -394,18 +427,31 @@ class _Watchdog(threading.Thread):
     self.stopping.set()
 
 
+# Taken by the first of `fail` and the watchdog's stop to end this process: the other then
+# waits for the exit rather than printing a second line.
+_ending = threading.Lock()
+
+
+def _say(line: str) -> None:
+  """Writes a line to stderr in one write: C++ threads log there too, and a line that
+  `print` writes in two pieces (text, then newline) can be split by theirs."""
+  sys.stderr.write(line + "\n")
+  sys.stderr.flush()
+
+
 def _client():
   """The coordination-service client `jax.distributed.initialize` made (no public accessor)."""
   return jax._src.distributed.global_state.client  # noqa: SLF001
 
 
-def _exit(code: int) -> NoReturn:
+def _exit(code: int, *, disconnect: bool = True) -> NoReturn:
   """Leaves at once: JAX's exit hooks would wait on processes that are gone.
 
   Process 0 leaves last. It hosts the coordination service, and a process still connected
   when the service goes away is aborted by its client's own thread (SIGABRT and a page of
   C++ log instead of its exit status). So the others disconnect first, and process 0 waits
-  (bounded: a killed process never disconnects) until they have.
+  (bounded: a killed process never disconnects) until they have. A process that lost the
+  coordinator has nothing to disconnect from (``disconnect=False``): it leaves at once.
   """
   if _group.num_processes > 1:
     if _group.process_id == 0:
@@ -414,7 +460,7 @@ def _exit(code: int) -> NoReturn:
         while (len(_client().get_live_nodes(list(range(_group.num_processes)))) > 1
                and time.monotonic() < deadline):
           time.sleep(0.05)
-    else:  # bounded too: with the coordinator gone, the disconnect call may never return
+    elif disconnect:  # bounded too: with the coordinator gone, the call may never return
       leaving = threading.Thread(target=_disconnect, daemon=True)
       leaving.start()
       leaving.join(_LEAVE_WAIT_S)
