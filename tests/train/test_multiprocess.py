@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -268,6 +269,44 @@ def test_moe_expert_parallel_across_two_processes_matches_one(cache, tmp_path):
   assert _expert_axes(tmp_path / "run") == _expert_axes(tmp_path / "ref") == {("expert", 2)}
   results = json.loads((tmp_path / "run" / "results.json").read_text())
   assert results["processes"] == 2 and results["devices"].startswith("2 x "), results
+
+
+def test_resume_on_half_the_devices_restores_onto_the_new_mesh(cache, tmp_path):
+  """A run checkpointed on 1 process x 8 devices resumes on 1 x 4 (data axis 8 -> 4, the
+  global batch of 16 unchanged): it restores step 3 onto the 4-device shardings and
+  continues; its losses match the uninterrupted 8-device run's to float32 rounding, not
+  bit for bit (the batch mean and gradient all-reduce add in another order on 4 devices),
+  and so do its step-6 weights (~30 s on a loaded 2-core machine: two short runs)."""
+  ref, run = tmp_path / "ref", tmp_path / "run"
+  _plain(cache, ref, "adamw")  # 6 steps, checkpoints at 3 and 6
+  shutil.copytree(ref, run)    # ... as if it had stopped after step 3
+  shutil.rmtree(run / "checkpoints" / "6")
+  (run / "results.json").unlink()
+  _plain(cache, run, "adamw", devices=4)
+  assert _mesh_shapes(ref, 6) == {(("data", 8), ("model", 1))}
+  assert _mesh_shapes(run, 6) == {(("data", 4), ("model", 1))}
+  ref_losses, losses = dict(_losses(ref)), dict(_losses(run))
+  assert sorted(losses) == sorted(ref_losses) == list(range(1, 7))
+  assert [losses[s] for s in (1, 2, 3)] == [ref_losses[s] for s in (1, 2, 3)]  # kept rows
+  for step in (4, 5, 6):  # computed on 4 devices
+    assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=0), step
+  # Not vacuous: a step moves the loss far more than the tolerance.
+  assert abs(ref_losses[4] - ref_losses[3]) > 1e3 * 1e-5 * ref_losses[4]
+  # Weights and Adam moments within 1e-7 of each other (measured); 3 steps move them more.
+  a, b = jax.tree.leaves(_state(ref, 6)), jax.tree.leaves(_state(run, 6))
+  assert len(a) == len(b) > 10
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+  moved = [not np.allclose(x, y, rtol=1e-4, atol=1e-6)
+           for x, y in zip(jax.tree.leaves(_state(ref, 3)), a)]
+  assert sum(moved) > len(moved) // 2, moved
+
+
+def _mesh_shapes(workdir, step):
+  """{((axis, size), ...)} of the meshes a checkpoint's arrays were saved on."""
+  path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state" / "_sharding"
+  return {tuple(zip(s["axis_names"], s["shape"])) for s in
+          map(json.loads, json.loads(path.read_text()).values()) if "axis_names" in s}
 
 
 def _expert_axes(workdir):
