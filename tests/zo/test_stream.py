@@ -146,11 +146,17 @@ def _lowering(num_layers):
   return cfg, engine, params, state, batch
 
 
+@functools.cache  # the depth test's L=2 step is the executable the compile test inspects
+def _compiled(num_layers):
+  _, engine, _, state, batch = _lowering(num_layers)
+  return engine.compile(state, batch)
+
+
 def test_device_bytes_constant_in_depth():
   out = {}
   for num_layers in (2, 8):
     cfg, engine, params, state, batch = _lowering(num_layers)
-    out[num_layers] = inspect.device_bytes(engine.lower(state, batch).compile())
+    out[num_layers] = inspect.device_bytes(_compiled(num_layers))
   block = engine.block_bytes(params)
   small, big = out[2], out[8]
   assert abs(big["device_bytes"] - small["device_bytes"]) <= 0.05 * small["device_bytes"], out
@@ -243,11 +249,12 @@ def test_step_is_pure_over_a_frozen_config():
   assert stream.StreamEngine(config.model, _update(), **settings).config.num_samples == 2
 
 
-def test_compile_returns_the_executable_and_step_keeps_the_jitted_function(runs):
-  """~90 s on 2 cores: two streamed-step compilations (AOT, and the half batch the jitted
-  step must accept), which is exactly what the test is about."""
-  *_, engine, state, _, _ = runs
-  compiled = engine.compile(state, _batch(0))  # in JAX's cache already: the runs' step
+def test_compile_returns_the_executable_and_step_keeps_the_jitted_function():
+  """One streamed-step compilation of its own (the half batch the jitted step must accept);
+  the AOT executable is the depth test's L=2 one (no resident block: the cheaper program)."""
+  cfg, engine, _, _, _ = _lowering(2)
+  compiled = _compiled(2)  # engine.compile for the [8, 8] batch
+  state = engine.init(llama.init(cfg, jax.random.key(0)), KEY)
   half = jax.tree.map(lambda x: x[:4], _batch(1))
   # The executable is locked to the shapes it was compiled for ...
   with pytest.raises(TypeError, match=r"compiled with int32\[8,8\] and called with "
