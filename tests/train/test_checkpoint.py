@@ -1,6 +1,7 @@
 """Resume survives a damaged checkpoint: it falls back to the newest one that restores."""
 
 import logging
+import math
 import pathlib
 import shutil
 import sys
@@ -142,3 +143,81 @@ def test_late_reads_of_a_failed_restore_stay_off_stderr(monkeypatch):
   sys.unraisablehook(late)
   sys.unraisablehook(other)
   assert seen == [other]
+
+
+# The checksum's definition is the numpy `_block_hash` (checkpoints were written with it);
+# the jitted device hash must agree with it bit for bit.
+_DTYPES = [np.bool_, np.int8, np.uint8, jnp.bfloat16, np.float16, np.float32, np.int32,
+           np.uint32]
+# (index of a 3 x 5 block, global shape): inside a small array, and at the far end of one
+# with 2**33 elements, where the flat positions (and 2 * position for 8-byte elements)
+# wrap mod 2**32.
+_BLOCKS = [((slice(2, 5), slice(4, 9)), (7, 11)),
+           ((slice(2**20 - 3, 2**20), slice(2**13 - 5, 2**13)), (2**20, 2**13))]
+
+
+def _random_bits(dtype, shape, seed):
+  """Any bit pattern (NaN payloads included), as `dtype`."""
+  size = math.prod(shape) * np.dtype(dtype).itemsize
+  bytes_ = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+  if np.dtype(dtype) == np.bool_:
+    return (bytes_ % 2 == 1).reshape(shape)
+  return bytes_.view(dtype).reshape(shape)
+
+
+def _jit_hash(block, index, shape):
+  return int(checkpoint._jit_block_hash(jnp.asarray(block),
+                                        *checkpoint._starts_strides(index, shape)))
+
+
+def _check_dtype(dtype):
+  for seed, (index, shape) in enumerate(_BLOCKS):
+    block = _random_bits(dtype, (3, 5), seed)
+    want = checkpoint._block_hash(block, index, shape)
+    assert _jit_hash(block, index, shape) == want, (np.dtype(dtype), shape)
+    changed = block.copy()  # negative controls: one element's lowest bit, or another place
+    changed.view(f"u{block.itemsize}")[1, 2] ^= 1
+    assert _jit_hash(changed, index, shape) != want, (np.dtype(dtype), shape)
+    assert _jit_hash(block, (slice(0, 3), slice(0, 5)), shape) != want
+  scalar = _random_bits(dtype, (), 7)  # 0-d: position 0
+  assert _jit_hash(scalar, (), ()) == checkpoint._block_hash(scalar, (), ())
+
+
+def test_jitted_hash_equals_the_numpy_definition_for_every_dtype():
+  # Pinned values of the definition: changing it would fail every older checkpoint.
+  x = np.arange(12, dtype=np.float32).reshape(3, 4)
+  assert checkpoint._block_hash(x, (), (3, 4)) == 494507435
+  assert checkpoint._block_hash(x[1:], (slice(1, 3),), (3, 4)) == 1086394778
+  for dtype in _DTYPES:
+    _check_dtype(dtype)
+  with jax.enable_x64(True):  # 8-byte elements: two words each, low word first
+    for dtype in (np.float64, np.int64):
+      _check_dtype(dtype)
+
+
+def test_local_hashes_on_device_equal_the_definition_for_any_sharding(monkeypatch):
+  monkeypatch.setattr(checkpoint, "_JIT_HASH_MIN_BYTES", 0)  # tiny arrays take the jit path
+  calls = []
+  jitted = checkpoint._jit_block_hash
+  monkeypatch.setattr(checkpoint, "_jit_block_hash", lambda *a: calls.append(1) or jitted(*a))
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  put = lambda x, *spec, **kw: jax.device_put(x, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*spec), **kw))
+  w = _random_bits(np.float32, (8, 16), 0)
+  keys = jax.random.split(jax.random.key(0), 8)
+  host = {"h": w[:3], "d": np.linspace(0, 1, 5), "k": np.asarray(jax.random.key_data(keys)),
+          "b": w[0].astype(jnp.bfloat16)}
+  want = [checkpoint._block_hash(np.asarray(x), (), np.shape(x))
+          for x in jax.tree.leaves(host)]
+  for spec in [(), ("data",), (None, "model"), ("data", "model")]:
+    calls.clear()
+    state = {"h": put(w[:3], None, *spec[1:]), "d": host["d"],  # float64 stays on the host
+             "k": put(keys, "data"), "b": put(host["b"], *spec[1:]) if spec else host["b"]}
+    got = checkpoint._local_hashes({**state, "w": put(w, *spec)})
+    assert list(got[:4]) == want and got[4] == checkpoint._block_hash(w, (), w.shape), spec
+    assert calls, spec  # the device path ran
+  changed = w.copy()
+  changed[5, 3] = np.nextafter(changed[5, 3], np.inf)  # one ulp of one element
+  assert checkpoint._local_hashes({"w": put(changed, "data", "model")})[0] != got[4]
+  in_host_memory = put(w, "data", memory_kind="pinned_host")  # hashed from host memory
+  assert checkpoint._local_hashes({"w": in_host_memory})[0] == got[4]

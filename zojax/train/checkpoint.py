@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -254,24 +255,106 @@ def _paths(state: Any) -> list[str]:
 
 def _local_hashes(state: Any) -> np.ndarray:
   """uint32 [leaves]: each array's checksum sum over the shards this process owns (the
-  replica-0 copy of each shard; process 0 for host values)."""
-  out = []
+  replica-0 copy of each shard; process 0 for host values).
+
+  Large shards are hashed where they are, one jitted pass each on the shard's own device
+  (no collective: `_attempt` reaches `_agree` even when another process failed to read);
+  all are dispatched before the host waits for any.
+  """
+  parts = []
   for leaf in jax.tree.leaves(state):
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
     if isinstance(leaf, jax.Array):
-      blocks = [(np.asarray(s.data), s.index) for s in leaf.addressable_shards
-                if s.replica_id == 0]
+      shape = tuple(leaf.shape)
+      parts.append([_shard_hash(s.data, s.index, shape) for s in leaf.addressable_shards
+                    if s.replica_id == 0])
     else:
       leaf = np.asarray(leaf)
-      blocks = [(leaf, ())] if jax.process_index() == 0 else []
-    shape = tuple(leaf.shape)
-    out.append(sum(_block_hash(data, index, shape) for data, index in blocks) % 2**32)
-  return np.asarray(out, np.uint32)
+      parts.append([_host_hash(leaf, (), leaf.shape)] if jax.process_index() == 0 else [])
+  return np.asarray([sum(map(int, p)) % 2**32 for p in jax.device_get(parts)], np.uint32)
+
+
+# Blocks smaller than this are hashed in numpy: the jitted hash compiles once per block
+# shape, dtype and device (tens of ms), which small arrays never pay back.
+_JIT_HASH_MIN_BYTES = 2**20
+
+
+def _shard_hash(data: jax.Array, index: tuple, shape: tuple):
+  """`_block_hash` of one shard: a uint32 scalar on its device, or an int."""
+  in_device_memory = getattr(data.sharding, "memory_kind", None) in (None, "device")
+  if not in_device_memory or data.nbytes < _JIT_HASH_MIN_BYTES or not _jit_hashes(data.dtype):
+    return _host_hash(np.asarray(data), index, shape)
+  return _jit_block_hash(data, *_starts_strides(index, shape))
+
+
+def _host_hash(data: np.ndarray, index: tuple, shape: tuple):
+  """`_block_hash` of a host block: jitted on a CPU device where there is one."""
+  if data.nbytes >= _JIT_HASH_MIN_BYTES and _jit_hashes(data.dtype):
+    try:
+      cpu = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu)
+      pass
+    else:
+      return _jit_block_hash(jax.device_put(data, cpu), *_starts_strides(index, shape))
+  return _block_hash(data, index, shape)
+
+
+def _jit_hashes(dtype) -> bool:
+  """Whether `_jit_block_hash` takes `dtype` unchanged: whole bytes, no complex parts, and
+  a type JAX keeps as it is (float64 host values become float32 without x64)."""
+  dtype = np.dtype(dtype)
+  return (dtype.itemsize in (1, 2, 4, 8) and jax.dtypes.itemsize_bits(dtype) == 8 * dtype.itemsize
+          and not np.issubdtype(dtype, np.complexfloating)
+          and jax.dtypes.canonicalize_dtype(dtype) == dtype)
+
+
+def _starts_strides(index: tuple, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+  """uint32 [ndim] each: where the block starts in each dimension, and each dimension's
+  stride in the flat array; mod 2**32, the ring the positions are used in."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  starts = [sl.indices(dim)[0] for sl, dim in zip(index, shape)]
+  if any(sl.indices(dim)[2] != 1 for sl, dim in zip(index, shape)):
+    raise ValueError(f"a shard index with a step: {index}")
+  strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+  as_u32 = lambda xs: np.asarray([x % 2**32 for x in xs], np.uint32).reshape(len(shape))
+  return as_u32(starts), as_u32(strides)
+
+
+@jax.jit
+def _jit_block_hash(data: jax.Array, starts: jax.Array, strides: jax.Array) -> jax.Array:
+  """`_block_hash` as one fused pass (uint32 scalar) over a block that starts at `starts`.
+
+  The positions are formed in uint32, wrapping as the reference's int64 ones do when cast;
+  the starts and strides are arguments, so blocks of one shape share a compile.
+  """
+  shape, itemsize = data.shape, data.dtype.itemsize
+  if data.dtype == jnp.bool_:
+    words = data.astype(jnp.uint32)
+  elif itemsize < 4:
+    words = jax.lax.bitcast_convert_type(data, jnp.dtype(f"uint{8 * itemsize}"))
+    words = words.astype(jnp.uint32)
+  else:  # 8-byte elements: [..., 2], the low word first as in memory
+    words = jax.lax.bitcast_convert_type(data, jnp.uint32)
+  pos = jnp.zeros((), jnp.uint32)
+  for d in range(len(shape)):
+    pos = pos + (jax.lax.broadcasted_iota(jnp.uint32, shape, d) + starts[d]) * strides[d]
+  if itemsize == 8:
+    pos = pos[..., None] * jnp.uint32(2) + jax.lax.broadcasted_iota(
+        jnp.uint32, shape + (2,), len(shape))
+  x = words ^ (pos * jnp.uint32(0x9E3779B9))
+  x ^= x >> 16
+  x *= jnp.uint32(0x85EBCA6B)
+  x ^= x >> 13
+  x *= jnp.uint32(0xC2B2AE35)
+  x ^= x >> 16
+  return jnp.sum(x, dtype=jnp.uint32)  # wraps mod 2**32, in any order
 
 
 def _block_hash(data: np.ndarray, index: tuple, shape: tuple) -> int:
-  """Sum of mix(bits, global flat position) over one block of an array of `shape`."""
+  """Sum of mix(bits, global flat position) over one block of an array of `shape`: the
+  definition of the checksum (`_jit_block_hash` must agree bit for bit; small and host
+  blocks use this)."""
   data = np.ascontiguousarray(data)
   if data.size == 0:
     return 0
