@@ -136,7 +136,8 @@ class StreamedZOEngine(dense_zo.SeedLogged):
   def verify_replay(self, initial_params, state) -> dict:
     """Replays the seed log with the dense update and compares with the streamed weights."""
     replayed, _ = zo.replay(initial_params, self.log, self.tx)
-    got = self.engine.params(state)
+    with jax.set_mesh(self.engine.mesh):  # as `params`: outside it, flush compiles again
+      got = self.engine.params(state)
     diff = moved = 0.0
     for r, g, p0 in zip(jax.tree.leaves(replayed), jax.tree.leaves(got),
                         jax.tree.leaves(initial_params)):
