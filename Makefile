@@ -27,7 +27,7 @@ demo: assets
 
 # pytest exits 5 when it collected nothing; that is a failure, not a pass.
 test: assets
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15; rc=$$?; \
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean-runs:

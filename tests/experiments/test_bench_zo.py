@@ -24,6 +24,11 @@ def _load_bench():
 bench_zo = _load_bench()
 
 
+# One xdist worker runs the whole module (make test: --dist loadgroup), so its module
+# fixture compiles once, not once per worker.
+pytestmark = pytest.mark.xdist_group("bench_zo")
+
+
 @pytest.fixture(scope="module")
 def tiny():
   config = llama.CONFIGS["tiny"]

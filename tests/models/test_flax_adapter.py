@@ -312,10 +312,12 @@ def _state(workdir, step):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opt", ["adamw", "galore_adamw", "zo_sgd"])
+@pytest.mark.parametrize("opt", ["adamw", "zo_sgd"])
 def test_cli_trains_and_resumes_bit_identically(tmp_path, opt):
   """Three CLI processes; zo_sgd takes ~115 s on 2 cores because each process compiles the
-  whole-tree SPSA estimate (~30 s: a threefry draw per leaf), which only a process can test."""
+  whole-tree SPSA estimate (~30 s: a threefry draw per leaf), which only a process can test.
+  One first-order optimizer is enough here: the engine and checkpoint are the same for all
+  of them, and tests/train/test_resume.py resumes every GaLore variant through the CLI."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   summary = _run(straight, opt)
   _run(resumed, opt, f"train.halt_at_step={N}")

@@ -26,6 +26,11 @@ def _flat(engine, state, compiled):
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 
 
+# One xdist worker runs the whole module (make test: --dist loadgroup), so its module
+# fixture compiles once, not once per worker.
+pytestmark = pytest.mark.xdist_group("parallel")
+
+
 @pytest.fixture(scope="module")
 def runs():
   # make_layout's defaults on every mesh; one engine config (`_distzo.SETTINGS`) for all.

@@ -47,6 +47,11 @@ def _run(tmp_path):
   return params0, params, opt_state, log, apply, tmp_path / "log.json"
 
 
+# One xdist worker runs the whole module (make test: --dist loadgroup), so its module
+# fixture compiles once, not once per worker.
+pytestmark = pytest.mark.xdist_group("replay")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   return _run(tmp_path_factory.mktemp("replay"))

@@ -32,6 +32,11 @@ def _update():
   return optim.zo_sgd(1e-3, momentum=0.9, weight_decay=0.01)
 
 
+# One xdist worker runs the whole module (make test: --dist loadgroup), so its module
+# fixture compiles once, not once per worker.
+pytestmark = pytest.mark.xdist_group("stream")
+
+
 @pytest.fixture(scope="module")
 def runs():
   """20 steps of the dense engine and of the streamed one (1 of the 2 blocks resident).
