@@ -177,6 +177,39 @@ def summary(runs: dict) -> dict:
   return out
 
 
+LABELS = {
+    "adamw": "AdamW lr 1e-3", "adamw_lr3e-3": "AdamW lr 3e-3", "adamw_lr1e-2": "AdamW lr 1e-2",
+    "adamw_pergroup": "AdamW, GaLore's lrs (blocks 2.5e-3, embed/head/norms 1e-2)",
+    "adam8bit": "8-bit Adam lr 1e-3", "galore": "GaLore (exact SVD)",
+    "galore_randomized": "GaLore (randomized projector)", "galore8bit": "8-bit GaLore",
+    "natural_galore": "Natural GaLore (s=20)",
+}
+
+
+def table(record: dict, reference: str = "adamw") -> str:
+  """Markdown: final validation loss per seed, their mean's perplexity, and the paired
+  (same seed: same init and batches) loss difference to `reference` per seed."""
+  runs = record["runs"]
+  seeds = sorted({s for r in runs.values() for s in r}, key=int)
+  head = ["run", *[f"val loss seed {s}" for s in seeds], "ppl (mean loss)",
+          f"paired diff. vs {reference} (nats)", "optimizer state"]
+  lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  ref = runs.get(reference, {})
+  for name, by_seed in runs.items():
+    losses = [by_seed[s]["final_val_loss"] if s in by_seed else None for s in seeds]
+    done = [x for x in losses if x is not None]
+    diffs = [by_seed[s]["final_val_loss"] - ref[s]["final_val_loss"] for s in seeds
+             if s in by_seed and s in ref]
+    mb = next(iter(by_seed.values()))["optimizer_state_bytes"] / 1e6
+    cells = [LABELS.get(name, name), *[f"{x:.3f}" if x is not None else "not run"
+                                       for x in losses],
+             f"{math.exp(np.mean(done)):.1f}",
+             "-" if name == reference else " / ".join(f"{d:+.3f}" for d in diffs),
+             f"{mb:.1f} MB"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def plot(runs, path):
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
@@ -211,8 +244,13 @@ def main():
   ap.add_argument("--runs", help="comma-separated run names; default: the size's")
   ap.add_argument("--seeds", help="comma-separated seeds; default: the size's")
   ap.add_argument("--out", help="default: experiments/results/galore_pretrain[_SIZE].json")
+  ap.add_argument("--table", action="store_true",
+                  help="only print the results file's markdown table (no training)")
   args = ap.parse_args()
   size = SIZES[args.size]
+  if args.table:
+    print(table(json.loads(pathlib.Path(args.out or RESULTS / size.out).read_text())))
+    return
   steps = args.steps or size.steps
   batch_size = args.batch_size or size.batch_size
   eval_every = args.eval_every or size.eval_every
