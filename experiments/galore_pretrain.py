@@ -27,6 +27,9 @@ decay, as the paper's pre-training):
   adam8bit         8-bit Adam, lr 1e-3;
   galore           GaLore-AdamW, lr 1e-2, scale 0.25, rank d/4, T 100 (the paper's lr/scale,
                    its rank/d ratio at 60M, T scaled to the run);
+  galore_fullrank  GaLore with rank = d (every block matrix's min(m, n)): nothing is
+                   compressed, Adam runs in the gradient's singular basis (refreshed every
+                   T steps). Separates the low-rank restriction from the change of basis;
   galore_randomized, galore8bit, natural_galore   its variants (small size).
 
 Each finished (run, seed) is written to experiments/results/galore_pretrain[_SIZE].json at
@@ -87,7 +90,7 @@ SIZES = {
                   out="galore_pretrain.json"),
     "medium": Size(_model(8192, 256, 8, 688), rank=64, steps=512, batch_size=16,
                    eval_every=64, seeds="0,1", validation_rows=256,
-                   runs="adamw,adamw_pergroup,galore,adamw_lr3e-3,adam8bit",
+                   runs="adamw,adamw_pergroup,galore,adam8bit,galore_fullrank,adamw_lr3e-3",
                    out="galore_pretrain_medium.json"),
 }
 
@@ -99,6 +102,7 @@ def optimizers(size: Size, steps: int, params) -> dict:
   g = dict(scale=SCALE, settings=settings)
   randomized = dict(g, settings=dataclasses.replace(settings, projector="randomized",
                                                     power_iters=1))
+  full_rank = dict(g, settings=dataclasses.replace(settings, rank=size.model.dim))
   # Which leaves GaLore projects (block matrices) and which it trains full rank.
   plan = optim.galore_plan(params, settings)
   groups = jax.tree_util.tree_map_with_path(
@@ -116,6 +120,8 @@ def optimizers(size: Size, steps: int, params) -> dict:
           {"projected": adamw(GALORE_LR * SCALE), "full": adamw(GALORE_LR)}, groups),
       "adam8bit": optim.adam8bit(sched(LR)),
       "galore": optim.galore_adamw(sched(GALORE_LR), **g),
+      # rank = min(m, n): no compression, only Adam in the gradient's singular basis.
+      "galore_fullrank": optim.galore_adamw(sched(GALORE_LR), **full_rank),
       "galore_randomized": optim.galore_adamw(sched(GALORE_LR), **randomized),
       "galore8bit": optim.galore8bit(sched(GALORE_LR), **g),
       "natural_galore": optim.natural_galore(sched(GALORE_LR), damping=1e-3, **g),
@@ -181,6 +187,7 @@ LABELS = {
     "adamw": "AdamW lr 1e-3", "adamw_lr3e-3": "AdamW lr 3e-3", "adamw_lr1e-2": "AdamW lr 1e-2",
     "adamw_pergroup": "AdamW, GaLore's lrs (blocks 2.5e-3, embed/head/norms 1e-2)",
     "adam8bit": "8-bit Adam lr 1e-3", "galore": "GaLore (exact SVD)",
+    "galore_fullrank": "GaLore at full rank (rank d: Adam in the gradient's singular basis)",
     "galore_randomized": "GaLore (randomized projector)", "galore8bit": "8-bit GaLore",
     "natural_galore": "Natural GaLore (s=20)",
 }
