@@ -342,13 +342,7 @@ def _jit_block_hash(data: jax.Array, starts: jax.Array, strides: jax.Array) -> j
   if itemsize == 8:
     pos = pos[..., None] * jnp.uint32(2) + jax.lax.broadcasted_iota(
         jnp.uint32, shape + (2,), len(shape))
-  x = words ^ (pos * jnp.uint32(0x9E3779B9))
-  x ^= x >> 16
-  x *= jnp.uint32(0x85EBCA6B)
-  x ^= x >> 13
-  x *= jnp.uint32(0xC2B2AE35)
-  x ^= x >> 16
-  return jnp.sum(x, dtype=jnp.uint32)  # wraps mod 2**32, in any order
+  return jnp.sum(_mix(words, pos), dtype=jnp.uint32)  # wraps mod 2**32, in any order
 
 
 def _block_hash(data: np.ndarray, index: tuple, shape: tuple) -> int:
@@ -368,14 +362,18 @@ def _block_hash(data: np.ndarray, index: tuple, shape: tuple) -> int:
   else:  # 4- and 8-byte elements: one 32-bit word each, or two
     words = data.view(np.uint32).reshape(*data.shape, itemsize // 4)
     pos = pos[..., None] * (itemsize // 4) + np.arange(itemsize // 4)
-  x = words ^ (pos.astype(np.uint32) * np.uint32(0x9E3779B9))
-  # murmur3's finalizer: a bijection of 32-bit words that mixes every bit into every bit.
-  x ^= x >> np.uint32(16)
-  x *= np.uint32(0x85EBCA6B)
-  x ^= x >> np.uint32(13)
-  x *= np.uint32(0xC2B2AE35)
-  x ^= x >> np.uint32(16)
-  return int(x.sum(dtype=np.uint64)) % 2**32
+  return int(_mix(words, pos.astype(np.uint32)).sum(dtype=np.uint64)) % 2**32
+
+
+def _mix(words, pos):
+  """uint32 words (numpy or jax) mixed with their uint32 positions: murmur3's finalizer, a
+  bijection of 32-bit words that mixes every bit into every bit. Shared by both hashes."""
+  x = words ^ (pos * np.uint32(0x9E3779B9))
+  x = x ^ (x >> np.uint32(16))
+  x = x * np.uint32(0x85EBCA6B)
+  x = x ^ (x >> np.uint32(13))
+  x = x * np.uint32(0xC2B2AE35)
+  return x ^ (x >> np.uint32(16))
 
 
 def _agree(failed: bool, local: np.ndarray) -> tuple[list[int], np.ndarray]:
