@@ -49,7 +49,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -265,7 +264,7 @@ def main():
   names = (args.runs or size.runs).split(",")
   model = size.model
   train, val, coverage = data(size)
-  txs = optimizers(size, steps, llama.init(model, jax.random.key(0)))
+  txs = optimizers(size, steps, jax.eval_shape(lambda: llama.init(model, jax.random.key(0))))
   unknown = sorted(set(names) - set(txs))
   if unknown:
     raise SystemExit(f"--runs: unknown {unknown}; choose from {sorted(txs)}")
