@@ -20,3 +20,12 @@ _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or os.environ.setdefault(
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"zojax-test-xla-cache-{_RUN}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under xdist, `slow`-marked tests start first, so the short ones fill the end of the run
+  instead of a long test starting last on one worker while the other idles (a stable sort:
+  files keep their order within each class). A serial run keeps the collection order, so a
+  module's fixtures are built once."""
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

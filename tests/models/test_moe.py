@@ -198,6 +198,7 @@ def test_trains_through_the_loop_with_other_optimizers(opt, tmp_path):
   assert np.isfinite(results["final_eval"]["validation/max_vio_global"])
 
 
+@pytest.mark.slow
 def test_streamed_engine_carries_the_bias_like_the_dense_engine(tiny):
   """ZO2 streaming with model state: the first step's loss and new bias equal the dense
   estimate's (same z, same + branch loads); the bias lives in the stream state."""

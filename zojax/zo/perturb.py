@@ -91,7 +91,17 @@ def wrap_key(data: jax.Array) -> jax.Array:
 def sample_key(key, step, sample):
   """Key of (step, sample); `key` is any base key `key_data` accepts."""
   key = wrap_key(key_data(key))
-  return jax.random.fold_in(jax.random.fold_in(key, step), sample)
+  return own_key(jax.random.fold_in(jax.random.fold_in(key, step), sample))
+
+
+def own_key(key: jax.Array) -> jax.Array:
+  """`key` (an `IMPL` key) computed once, into a buffer of its own (`unfused`).
+
+  Without it XLA fuses the chain of hashes that derived a key (sample, layer, leaf) into
+  every consumer, so each leaf's draw re-derives its whole address: the same values, but a
+  program several times larger and slower to compile.
+  """
+  return wrap_key(unfused(jax.random.key_data(key), key))
 
 
 DIRECTIONS = ("gaussian", "rademacher")
@@ -196,7 +206,7 @@ def leaf_keys(layer_key: jax.Array, tree_like: Any) -> Any:
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree_like)
   index = {path: j for j, path in enumerate(leaf_paths(tree_like))}
   return jax.tree_util.tree_unflatten(
-      treedef, [jax.random.fold_in(layer_key, index[path]) for path, _ in flat])
+      treedef, [own_key(jax.random.fold_in(layer_key, index[path])) for path, _ in flat])
 
 
 def group_noise(layer_key: jax.Array, tree_like: Any, *, direction: str,
@@ -217,7 +227,7 @@ def layer_noise(skey: jax.Array, layer, tree_like: Any, *, direction: str) -> An
   """z of group `layer` (a block index, possibly traced, or a fixed group id) for sample key
   `skey` (`sample_key`)."""
   sliced = isinstance(layer, int) and layer in (EMBED_LAYER, HEAD_LAYER)
-  return group_noise(jax.random.fold_in(skey, layer), tree_like, direction=direction,
+  return group_noise(own_key(jax.random.fold_in(skey, layer)), tree_like, direction=direction,
                      sliced=sliced)
 
 
@@ -324,9 +334,9 @@ def perturb_stacked(w: jax.Array, z: jax.Array, scales_S: jax.Array) -> jax.Arra
 
 __all__ = [
     "IMPL", "DIRECTIONS", "EMBED_LAYER", "HEAD_LAYER", "FLAT_LAYER", "check_direction",
-    "key_data", "wrap_key", "sample_key", "packed_signs", "leaf_noise", "leaf_paths",
-    "leaf_keys", "group_noise", "layer_noise", "table_axis", "table_rows", "sliced_noise",
-    "group_layer", "block_noise", "map_groups",
+    "key_data", "wrap_key", "sample_key", "own_key", "unfused", "packed_signs", "leaf_noise",
+    "leaf_paths", "leaf_keys", "group_noise", "layer_noise", "table_axis", "table_rows",
+    "sliced_noise", "group_layer", "block_noise", "map_groups",
     "tree_noise", "is_block_tree", "unstacked_like", "perturb", "perturb_tree",
     "perturb_stacked",
 ]

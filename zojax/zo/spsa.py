@@ -120,7 +120,8 @@ def _outer_at(params, skey, scale, direction, groups=("embed", "head")):
   for name, sub in params.items():
     if name not in groups:  # blocks, and head while embedding (not read there)
       continue
-    keys = perturb.leaf_keys(jax.random.fold_in(skey, perturb.group_layer(name)), sub)
+    group_key = perturb.own_key(jax.random.fold_in(skey, perturb.group_layer(name)))
+    keys = perturb.leaf_keys(group_key, sub)
 
     def leaf(k, w):
       if len(w.shape) >= 2:
@@ -159,7 +160,7 @@ def embed_branches(model: protocol.BlockModel, params, batch, skey, scales_S, *,
 def block_branches(model: protocol.BlockModel, block_params, layer, carry_S, skey, scales_S, *,
                    direction="gaussian"):
   """Layer `layer` (one layer's params, no layer axis) at θ + scales[s]·z on each branch."""
-  layer_key = jax.random.fold_in(skey, layer)
+  layer_key = perturb.own_key(jax.random.fold_in(skey, layer))
   return jax.vmap(model.block)(_stacked_branches(block_params, layer_key, scales_S, direction),
                                carry_S)
 
