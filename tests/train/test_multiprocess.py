@@ -326,7 +326,9 @@ def test_bad_config_in_one_process_stops_the_group(cache, tmp_path):
   both within seconds (no training starts)."""
   procs = _direct(cache, tmp_path / "run", "adamw", _free_port(), [(), ("train.steps=-1",)])
   outs = [p.communicate(timeout=120) for p in procs]
-  assert [p.returncode for p in procs] == [STOPPED, 2], outs
+  for i, (_, err) in enumerate(outs):  # shown in full if the test fails (an assert truncates)
+    print(f"--- process {i} stderr ---\n{err}")
+  assert [p.returncode for p in procs] == [STOPPED, 2]
   _one_error_line(outs[1][1], r"^error: process 1 of 2: config key 'train.steps'=-1")
   _one_error_line(outs[0][1], r"^error: process 0 of 2 stops: process 1 of 2 failed: "
                               r"config key 'train.steps'=-1")

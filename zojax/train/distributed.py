@@ -456,10 +456,8 @@ def _exit(code: int, *, disconnect: bool = True) -> NoReturn:
   if _group.num_processes > 1:
     if _group.process_id == 0:
       deadline = time.monotonic() + _LEAVE_WAIT_S
-      with contextlib.suppress(Exception):
-        while (len(_client().get_live_nodes(list(range(_group.num_processes)))) > 1
-               and time.monotonic() < deadline):
-          time.sleep(0.05)
+      while _others_connected() and time.monotonic() < deadline:
+        time.sleep(0.05)
     elif disconnect:  # bounded too: with the coordinator gone, the call may never return
       leaving = threading.Thread(target=_disconnect, daemon=True)
       leaving.start()
@@ -468,6 +466,16 @@ def _exit(code: int, *, disconnect: bool = True) -> NoReturn:
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)
+
+
+def _others_connected() -> bool:
+  """Whether a process besides 0 is still connected to the coordination service. A failed
+  query counts as yes (keep waiting, bounded by the caller): ending the wait on it could take
+  the service away from a process in the middle of disconnecting."""
+  try:
+    return len(_client().get_live_nodes(list(range(_group.num_processes)))) > 1
+  except Exception:  # noqa: BLE001
+    return True
 
 
 def _disconnect() -> None:
