@@ -227,8 +227,13 @@ def layer_noise(skey: jax.Array, layer, tree_like: Any, *, direction: str) -> An
   """z of group `layer` (a block index, possibly traced, or a fixed group id) for sample key
   `skey` (`sample_key`)."""
   sliced = isinstance(layer, int) and layer in (EMBED_LAYER, HEAD_LAYER)
-  return group_noise(own_key(jax.random.fold_in(skey, layer)), tree_like, direction=direction,
-                     sliced=sliced)
+  return group_noise(layer_key(skey, layer), tree_like, direction=direction, sliced=sliced)
+
+
+def layer_key(skey: jax.Array, layer) -> jax.Array:
+  """Key of group `layer` (a block index, possibly traced, or a fixed group id) under sample
+  key `skey`: the one place the layer enters a z address."""
+  return own_key(jax.random.fold_in(skey, layer))
 
 
 def block_noise(key, step, sample, layer, block_like: Any, *,
@@ -335,8 +340,8 @@ def perturb_stacked(w: jax.Array, z: jax.Array, scales_S: jax.Array) -> jax.Arra
 __all__ = [
     "IMPL", "DIRECTIONS", "EMBED_LAYER", "HEAD_LAYER", "FLAT_LAYER", "check_direction",
     "key_data", "wrap_key", "sample_key", "own_key", "unfused", "packed_signs", "leaf_noise",
-    "leaf_paths", "leaf_keys", "group_noise", "layer_noise", "table_axis", "table_rows",
-    "sliced_noise", "group_layer", "block_noise", "map_groups",
+    "leaf_paths", "leaf_keys", "group_noise", "layer_key", "layer_noise", "table_axis",
+    "table_rows", "sliced_noise", "group_layer", "block_noise", "map_groups",
     "tree_noise", "is_block_tree", "unstacked_like", "perturb", "perturb_tree",
     "perturb_stacked",
 ]

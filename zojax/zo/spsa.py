@@ -120,8 +120,7 @@ def _outer_at(params, skey, scale, direction, groups=("embed", "head")):
   for name, sub in params.items():
     if name not in groups:  # blocks, and head while embedding (not read there)
       continue
-    group_key = perturb.own_key(jax.random.fold_in(skey, perturb.group_layer(name)))
-    keys = perturb.leaf_keys(group_key, sub)
+    keys = perturb.leaf_keys(perturb.layer_key(skey, perturb.group_layer(name)), sub)
 
     def leaf(k, w):
       if len(w.shape) >= 2:
@@ -160,9 +159,9 @@ def embed_branches(model: protocol.BlockModel, params, batch, skey, scales_S, *,
 def block_branches(model: protocol.BlockModel, block_params, layer, carry_S, skey, scales_S, *,
                    direction="gaussian"):
   """Layer `layer` (one layer's params, no layer axis) at θ + scales[s]·z on each branch."""
-  layer_key = perturb.own_key(jax.random.fold_in(skey, layer))
-  return jax.vmap(model.block)(_stacked_branches(block_params, layer_key, scales_S, direction),
-                               carry_S)
+  return jax.vmap(model.block)(
+      _stacked_branches(block_params, perturb.layer_key(skey, layer), scales_S, direction),
+      carry_S)
 
 
 def head_branches(model: protocol.BlockModel, params, carry_S, batch, skey, scales_S, *,
